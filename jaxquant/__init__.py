@@ -1,0 +1,1 @@
+"""jaxquant: weight quantisation (quantization) for JAX, built on optimal formats."""
