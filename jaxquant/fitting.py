@@ -57,11 +57,7 @@ def scaled_values(x, *, scaling: str = "absmax", block_size: int | str = 64,
   n = x.shape[axis]
   size = n if block_size in GRANULARITIES else block_size
   xb = scaling_lib.to_blocks(x, axis, size)
-  if block_size == "tensor":
-    reduce_axes, count = tuple(range(xb.ndim)), float(xb.size)
-  else:
-    reduce_axes, count = (axis + 1,), scaling_lib.block_counts(n, size, x.ndim, axis)
-  statistic = scaling_lib.block_statistic(xb, scaling, reduce_axes, count)
+  statistic = scaling_lib.block_statistic(xb, scaling, axis, n, block_size == "tensor")
   normalised = xb / jnp.where(statistic == 0, 1.0, statistic)
   weight = jnp.broadcast_to(jnp.square(statistic), xb.shape)
   flat = lambda blocked: scaling_lib.from_blocks(blocked, axis, n).reshape(-1)

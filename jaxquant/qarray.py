@@ -268,12 +268,8 @@ class _Static(NamedTuple):
 
 def _scale_and_round(xb, codebook, reference, static: _Static, n: int):
   """Scales for blocked values, their stored form, and the nearest codes."""
-  axis, block_size = static.axis, static.block_size
-  if static.granularity == "tensor":
-    reduce_axes, count = tuple(range(xb.ndim)), float(xb.size)  # one unpadded block
-  else:
-    reduce_axes, count = (axis + 1,), scaling.block_counts(n, block_size, xb.ndim - 1, axis)
-  scales = scaling.block_statistic(xb, static.scaling, reduce_axes, count) / reference
+  per_tensor = static.granularity == "tensor"
+  scales = scaling.block_statistic(xb, static.scaling, static.axis, n, per_tensor) / reference
 
   def encode_and_round(multiplier):
     stored = scaling.encode_scales(scales * multiplier, static.scale_dtype, static.double_quant,

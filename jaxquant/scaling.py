@@ -70,19 +70,21 @@ def from_blocks(xb: jax.Array, axis: int, n: int) -> jax.Array:
   return jax.lax.slice_in_dim(x, 0, n, axis=axis)
 
 
-def block_counts(n: int, block_size: int, ndim: int, axis: int) -> jax.Array:
-  """Number of real (unpadded) elements per block, shaped to broadcast against blocked scales."""
-  n_blocks = -(-n // block_size)
-  counts = np.minimum(block_size, n - block_size * np.arange(n_blocks)).astype(np.float32)
-  shape = [1] * (ndim + 1)
-  shape[axis] = n_blocks
-  return jnp.asarray(counts.reshape(shape))
+def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: bool = False):
+  """The statistic each block of `to_blocks(x, axis, ·)` maps onto the format (float32).
 
-
-def block_statistic(xb: jax.Array, scaling: str, reduce_axes: tuple[int, ...], count) -> jax.Array:
-  """The per-block statistic a scaling maps onto the format: max|x|, the signed extreme
-  (ties: the positive one) or the RMS over `count` real elements; float32, reduced over
-  `reduce_axes` (kept as size-1 axes)."""
+  max|x|, the signed extreme (ties: the positive one), or the RMS over the block's real
+  elements (the last block along an axis of length `n` may be partly padding). Reduced over
+  the block axis, kept as a size-1 axis; with `per_tensor`, over everything.
+  """
+  if per_tensor:  # one block spanning the tensor: no padding
+    reduce_axes, count = tuple(range(xb.ndim)), float(xb.size)
+  else:
+    block_size = xb.shape[axis + 1]
+    counts = np.minimum(block_size, n - block_size * np.arange(xb.shape[axis]))
+    shape = [1] * xb.ndim
+    shape[axis] = xb.shape[axis]
+    reduce_axes, count = (axis + 1,), jnp.asarray(counts.astype(np.float32).reshape(shape))
   if scaling == "absmax":
     return jnp.max(jnp.abs(xb), axis=reduce_axes, keepdims=True)
   if scaling == "signmax":
