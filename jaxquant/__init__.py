@@ -10,6 +10,7 @@ from jaxquant import formats as formats
 from jaxquant import metrics as metrics
 from jaxquant import packing as packing
 from jaxquant import scaling as scaling
+from jaxquant.kernels import qmatmul as qmatmul
 from jaxquant.qarray import QuantisedArray as QuantisedArray
 from jaxquant.qarray import QuantSpec as QuantSpec
 from jaxquant.qarray import dequantise as dequantise
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "QuantSpec", "QuantisedArray", "dequantise", "distributions", "fitting", "formats", "metrics",
-    "packing", "quantise", "scaling",
+    "packing", "qmatmul", "quantise", "scaling",
 ]
