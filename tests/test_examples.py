@@ -41,3 +41,14 @@ def test_matmul_benchmark_runs(capsys):
   rows = load("benchmarks/matmul.py").main(["--sizes", "256", "--ms", "1", "3", "--repeats", "2"])
   assert [row[:2] for row in rows] == [(256, 1), (256, 3)]
   assert "speed-up vs deq+dot" in capsys.readouterr().out
+
+
+def test_gpu_check_dry_run(tmp_path):
+  # The GPU check script on CPU: Pallas interpreted, tiny sizes; it must finish and write its table.
+  import subprocess  # pylint: disable=import-outside-toplevel
+  result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path),
+                           "--dry-run"], capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  table = (tmp_path / "gpu_matmul.md").read_text()
+  assert "| 256 | 1 | 4 (4.25 b) |" in table and "| 256 | 16 | 3 (3.25 b) |" in table
+  assert "passed" in (tmp_path / "tests.txt").read_text()

@@ -11,13 +11,18 @@ import jaxquant as jq
 from jaxquant import formats
 
 RNG = np.random.default_rng(3)
-FORMATS = {2: formats.int_format(2), 3: formats.crd_format("t", 3, scaling="signmax", df=5),
-           4: formats.nf4(), 8: formats.int_format(8)}
+
+
+def format_for(bits, block_size):
+  if bits == 3:
+    return formats.crd_format("t", 3, scaling="signmax", block_size=block_size, df=5)
+  return {2: formats.int_format(2), 4: formats.nf4(), 8: formats.int_format(8)}[bits]
 
 
 def make(m, k, n, bits, block_size=64, dtype=jnp.float32, **spec):
   w = jnp.asarray(RNG.standard_t(5, size=(k, n)) * 0.05, jnp.float32)
-  q = jq.quantise(w, jq.QuantSpec(FORMATS[bits], block_size=block_size, axis=0, **spec))
+  q = jq.quantise(w, jq.QuantSpec(format_for(bits, block_size), block_size=block_size, axis=0,
+                                  **spec))
   x = jnp.asarray(RNG.normal(size=(m, k)), dtype)
   expected = np.asarray(x, np.float64) @ np.asarray(q.dequantise(jnp.float32), np.float64)
   return x, q, expected

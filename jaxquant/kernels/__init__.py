@@ -117,8 +117,8 @@ def qmatmul_pallas(x: jax.Array, q: QuantisedArray) -> jax.Array:
   """The platform's Pallas kernel (interpret mode on CPU); float32 result.
 
   Raises:
-    NotImplementedError: the weight has one scale per channel or per tensor (the kernels
-      take blocks along K).
+    NotImplementedError: the weight has one scale per channel or per tensor, or a block size
+      the kernel does not take (the kernels take blocks along K of 32, 64 or 128).
   """
   if q.granularity != "block":
     raise NotImplementedError(
@@ -130,7 +130,10 @@ def qmatmul_pallas(x: jax.Array, q: QuantisedArray) -> jax.Array:
     from jaxquant.kernels.pallas_gpu import qmatmul_pallas_gpu as kernel  # pylint: disable=import-outside-toplevel
   k_stored = xla.padded_length(q)
   x = jnp.pad(x, ((0, 0), (0, k_stored - x.shape[1])))
-  scales = scaling.decode_scales(q.scales, q.scale_scales)
+  if platform != "tpu" and q.scales.dtype == jnp.bfloat16:
+    scales = q.scales  # read as stored: no decoding pass, half the bytes of float32
+  else:
+    scales = scaling.decode_scales(q.scales, q.scale_scales)
   scales = jnp.pad(scales, ((0, k_stored // q.block_size - scales.shape[0]), (0, 0)))
   return kernel(x, q.codes, scales, padded_codebook(q.codebook, q.bits), bits=q.bits,
                 block_size=q.block_size, interpret=platform == "cpu")

@@ -1,0 +1,397 @@
+"""Pallas GPU (Triton lowering) kernels for a matmul with packed codebook weights.
+
+Maths
+-----
+For activations x[M, Kp] and a weight W[Kp, N] quantised along K (axis 0) in blocks of B rows,
+
+    y[m, n] = Σ_k x[m, k] · W[k, n],    W[k, n] = codebook[code[k, n]] · scales[k // B, n],
+
+accumulated in float32. The codes are packed in layout ``"bitstream-u32"`` v1
+(`jaxquant.packing`): every 32 consecutive K rows are ``bits`` uint32 word rows holding a
+little-endian bit stream, code i of the group at stream bits [i·bits, i·bits + bits).
+
+Design
+------
+*Units instead of interleaving.* With g = gcd(bits, 32), each group of 32 rows splits into g
+*units* of v = 32/g codes held in exactly u = bits/g whole words (v = 32/bits and u = 1 for
+bits 1, 2, 4, 8; v = 16, u = 3 for 6 bits; v = 32, u = bits for 3, 5, 7). Code p of unit q is
+K row q·v + p and sits at the static bit offset p·bits of the unit's words, possibly
+straddling two of them. So the kernel never interleaves a dequantised tile back into K order:
+it splits the sum by position instead,
+
+    y = Σ_{p<v} x[:, p::v] @ W_p,   W_p[q, n] = codebook[code p of unit q] · scales[q·v // B, n],
+
+loading the activations with stride v and extracting every W_p from the same word tiles with
+static shifts and masks on uint32 (a straddling code ORs the top of one word with the bottom of
+the next). The wrapper reshapes (free) x to [M, Kp/v, v] and codes to [Kp/v, u, N], and
+builds the lookup table.
+
+*Lookup.* A gather from a table ref with an integer-array index, ``table_ref[index]``: the
+Triton lowering turns an array indexer into a pointer gather, ``tl.load(table + index)``, as
+Graphcore's ``mv_lut8`` does, and the small table stays in L1. (``jnp.take`` on a loaded
+array does not lower: Triton has no gather op. A select tree would cost 2**bits - 1 selects
+per element.) For bits ≤ 4 two consecutive codes, which are one 2·bits-bit field of the
+stream, index a pair table of 2**(2·bits) (value, value) entries (≤ 2 KiB, FLUTE's and
+Graphcore's trick) and one 8-byte gather plus a free ``tt.split`` decodes both: half the
+gathers and half the shift-and-mask work per weight. Wider codes use the codebook itself.
+
+*Two variants*, chosen by M (or `variant`); grid (M tiles, N tiles, split_k), each program
+looping over its share of the K tiles with `lax.fori_loop`:
+
+- ``"gemv"`` (M ≤ 8, memory-bound decode): no dot. Per tile, partial[m, q, n] =
+  Σ_p x[m, q·v + p] · codebook[code p of unit q] in float32 FMAs; it is multiplied by the scale
+  once per unit (1/v multiplies per weight) into a [block_m, units, block_n] accumulator that
+  is reduced over units only once, after the K loop.
+- ``"gemm"``: dequantises W_p (codebook value times the scale, cast to the activation dtype)
+  and accumulates ``jnp.dot(x_p, W_p, preferred_element_type=float32)``. bfloat16 activations
+  use bf16 tensor-core dots; float32 activations give an IEEE float32 dot (no TF32), exact but
+  slow. Triton's dot needs every dimension ≥ 16, so block_m, block_n ≥ 16 and
+  block_k ≥ 16·v.
+
+*Split-K.* With split_k = S > 1 each program sums a contiguous 1/S of the K tiles into its own
+slice of a float32 [S, M, N] output, and the wrapper adds the slices: more programs for small
+grids, deterministic, and no atomics.
+
+*Boundaries.* Nothing is padded: M, N and a K tail not covered by whole tiles are handled with
+masked loads (other=0) and masked stores, so a call never copies the weight. Triton needs every
+loaded tensor's size to be a power of two, so block_m, block_n and the units per K tile
+(block_k / v) are powers of two, and B must be a power of two ≥ 32 (a tile then holds whole
+scale blocks or lies inside one).
+
+Verification
+------------
+Written without a GPU. Checked here: correctness against a float32 dequantise-and-dot reference
+in interpret mode (the tests; on a GPU they run the compiled kernel), and lowering to a Triton
+module with ``jax.export(..., platforms=["cuda"])`` for both variants and bits 1 to 8. That
+lowering is Python code in jax and rejects what Triton cannot express (a ``jnp.take`` gather
+fails there; interpret mode accepts it). Not checked: Triton's compilation of the module to
+PTX (done by XLA on a GPU: register and shared-memory limits, layout conversions), runtime
+behaviour and speed. Block sizes, warps and stages are reasoned, not tuned.
+
+Speed budget (H200, M = 1, 4-bit): streaming 4.5 bits per weight at 4.8 TB/s needs about 33
+weights per clock per SM, against 64 integer-ALU lanes and 32 L1 load lanes per SM. So a
+weight may cost under two integer ops and one L1 gather. With pairs it costs half a gather and
+one shift-and-mask per pair, plus address arithmetic; whether Triton's code stays within that
+budget is unmeasured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from numbers import Integral
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+__all__ = ["BlockSizes", "GEMV_MAX_M", "VARIANTS", "default_block_sizes", "qmatmul_pallas_gpu"]
+
+VARIANTS = ("gemv", "gemm")
+GEMV_MAX_M = 8
+"""Largest M for which `qmatmul_pallas_gpu` picks the GEMV variant by default."""
+_ACTIVATION_DTYPES = ("float32", "bfloat16")
+# A default grid aims at about this many programs (two per SM of a 132-SM H100/H200) through
+# split-K, keeping at least _MIN_TRIPS K tiles per program so that Triton's pipelining has a loop.
+_TARGET_PROGRAMS = 256
+_MIN_TRIPS = 4
+# Up to this many bits, codes are decoded in pairs (a 2**(2·bits)-entry pair table).
+_PAIR_MAX_BITS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiling and launch parameters of one kernel call.
+
+  Attributes:
+    block_m: activation rows per program (a power of two; ≥ 16 for the GEMM).
+    block_n: output columns per program (a power of two; ≥ 16 for the GEMM).
+    block_k: K rows per loop step (a power of two, a multiple of the codes per unit v, and
+      ≥ 16·v for the GEMM).
+    split_k: programs that share one output tile, each summing a contiguous part of K.
+    num_warps: Triton warps per program.
+    num_stages: Triton software-pipelining stages of the K loop.
+  """
+
+  block_m: int
+  block_n: int
+  block_k: int
+  split_k: int = 1
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+def _unit(bits: int) -> tuple[int, int]:
+  """(v, u): codes per unit and words per unit; a unit is the smallest whole-word run of codes."""
+  g = math.gcd(bits, 32)
+  return 32 // g, bits // g
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def _is_pow2(n: int) -> bool:
+  return n >= 1 and n & (n - 1) == 0
+
+
+def default_block_sizes(variant: str, m: int, k: int, n: int, bits: int) -> BlockSizes:
+  """Untuned default `BlockSizes` for `variant` on x[m, k] @ W[k, n] with `bits`-bit codes."""
+  v, _ = _unit(bits)
+  if variant == "gemv":
+    block_m = min(_next_pow2(m), GEMV_MAX_M)
+    block_n = max(32, 128 // block_m)
+    # About 2048 float32 partial sums (block_m · block_k/v · block_n) per program, i.e.
+    # 16 per thread of 4 warps for each of the accumulator, the partial sums and the words.
+    units = max(1, 2048 // (block_m * block_n))
+    block_k = max(v, min(units * v, 512, _next_pow2(k)))
+  elif variant == "gemm":
+    block_m = min(64, max(16, _next_pow2(m)))
+    block_n = min(128, max(16, _next_pow2(n)))
+    block_k = max(16 * v, min(32 * v, 1024, _next_pow2(k)))
+  else:
+    raise ValueError(f"{variant=} must be one of {VARIANTS}")
+  tiles = pl.cdiv(m, block_m) * pl.cdiv(n, block_n)
+  trips = pl.cdiv(k, block_k)
+  split_k = 1
+  while tiles * split_k * 2 <= _TARGET_PROGRAMS and trips // (split_k * 2) >= _MIN_TRIPS:
+    split_k *= 2
+  return BlockSizes(block_m, block_n, block_k, split_k)
+
+
+def _and_masks(shape, *masks):
+  """The conjunction of the masks that are not None, broadcast to `shape` (None if all are)."""
+  present = [mask for mask in masks if mask is not None]
+  if not present:
+    return None
+  return jnp.broadcast_to(functools.reduce(jnp.logical_and, present), shape)
+
+
+def _load(ref, mask):
+  """`ref[...]`, with the elements outside `mask` read as zero (never touching memory)."""
+  if mask is None:
+    return ref[...]
+  return pltriton.load(ref, mask=mask, other=0)
+
+
+def _lookup(bits: int) -> int:
+  """Codes decoded per table lookup: pairs while the pair table is small (≤ 2 KiB), else 1."""
+  return 2 if bits <= _PAIR_MAX_BITS else 1
+
+
+def _lookup_table(codebook: jax.Array, bits: int) -> jax.Array:
+  """The flat float32 table the kernel gathers from.
+
+  For single lookups the codebook itself; for pairs, entry c = c₀ | c₁ << bits holds
+  (codebook[c₀], codebook[c₁]) at [2c, 2c + 1], so two consecutive codes of the bit stream,
+  read as one 2·bits-bit field, decode with one 8-byte gather.
+  """
+  if _lookup(bits) == 1:
+    return codebook
+  index = jnp.arange(2 ** (2 * bits), dtype=jnp.int32)
+  low = codebook[jnp.bitwise_and(index, 2**bits - 1)]
+  high = codebook[jnp.right_shift(index, bits)]
+  return jnp.stack([low, high], axis=-1).reshape(-1)
+
+
+def _extract(words: list[jax.Array], start: int, width: int) -> jax.Array:
+  """Bits [start, start + width) of each unit's bit stream (uint32): static shifts and masks."""
+  word, offset = divmod(start, 32)
+  field = words[word]
+  if offset:
+    field = jnp.right_shift(field, jnp.uint32(offset))
+  if offset + width > 32:  # straddles into the next word
+    field = jnp.bitwise_or(field, jnp.left_shift(words[word + 1], jnp.uint32(32 - offset)))
+  if offset + width != 32:
+    field = jnp.bitwise_and(field, jnp.uint32((1 << width) - 1))
+  return field
+
+
+def _decode(table_ref, words: list[jax.Array], first: int, bits: int) -> list[jax.Array]:
+  """Codebook values of codes `first`, … (one lookup's worth) of every unit: [units, block_n]."""
+  lookup = _lookup(bits)
+  field = _extract(words, first * bits, lookup * bits).astype(jnp.int32)
+  if lookup == 1:
+    return [table_ref[field]]
+  pair = table_ref[2 * field[:, :, None] + jnp.arange(2, dtype=jnp.int32)[None, None, :]]
+  return list(jnp.unstack(pair, axis=2))  # Triton: one tt.split
+
+
+def _qmatmul_kernel(x_ref, codes_ref, scales_ref, table_ref, o_ref, *, variant, bits,
+                    block_size, sizes, trips, mask_m, mask_n, mask_k):
+  """One (M tile, N tile, K split) program: y_tile = Σ over its K tiles of x_tile @ W_tile.
+
+  x_ref: [M, Kp/v, v]; codes_ref: [Kp/v, u, N] uint32; scales_ref: [Kp/B, N] float32 or bfloat16;
+  table_ref: `_lookup_table`; o_ref: [split_k, M, N] float32.
+  """
+  v, u = _unit(bits)
+  block_m, block_n, block_k = sizes.block_m, sizes.block_n, sizes.block_k
+  units = block_k // v  # units per K tile
+  # Scale blocks per K tile and units per scale block, when a tile holds whole blocks;
+  # else the tile lies inside one block.
+  blocks = block_k // block_size if block_k > block_size else 1
+  per_block = block_size // v if block_k > block_size else units
+  m, n = o_ref.shape[1:]
+  total_units, total_blocks = x_ref.shape[1], scales_ref.shape[0]
+  i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows = pl.ds(i * block_m, block_m)
+  cols = pl.ds(j * block_n, block_n)
+  m_ok = (i * block_m + jnp.arange(block_m) < m)[:, None] if mask_m else None
+  n_ok = (j * block_n + jnp.arange(block_n) < n)[None, :] if mask_n else None
+
+  def step(trip, acc):
+    t = s * trips + trip  # K tile index
+    q0 = t * units
+    unit_slice = pl.ds(q0, units)
+    q_ok = q0 + jnp.arange(units) < total_units if mask_k else None
+    if block_k > block_size:
+      b0 = t * blocks
+    else:
+      b0 = lax.div(t, jnp.int32(block_size // block_k))
+    b_ok = (b0 + jnp.arange(blocks) < total_blocks)[:, None] if mask_k else None
+    scale = _load(scales_ref.at[pl.ds(b0, blocks), cols],
+                  _and_masks((blocks, block_n), b_ok, n_ok)).astype(jnp.float32)
+    unit_scale = jnp.broadcast_to(scale[:, None, :], (blocks, per_block, block_n))
+    unit_scale = unit_scale.reshape(units, block_n)  # the scale of every unit
+    words = [
+        _load(codes_ref.at[unit_slice, jnp.int32(w), cols],
+              _and_masks((units, block_n), None if q_ok is None else q_ok[:, None], n_ok))
+        for w in range(u)
+    ]
+    x_ok = _and_masks((block_m, units), m_ok, None if q_ok is None else q_ok[None, :])
+    partial = None
+    for first in range(0, v, _lookup(bits)):
+      for p, values in enumerate(_decode(table_ref, words, first, bits), start=first):
+        x_p = _load(x_ref.at[rows, unit_slice, jnp.int32(p)], x_ok)  # x[rows, p::v] of the tile
+        if variant == "gemv":
+          term = x_p.astype(jnp.float32)[:, :, None] * values[None]
+          partial = term if partial is None else partial + term
+        else:
+          w_p = (values * unit_scale).astype(x_p.dtype)
+          acc = acc + jnp.dot(x_p, w_p, preferred_element_type=jnp.float32)
+    if variant == "gemv":  # scale once per unit; reduce over units after the loop
+      acc = acc + partial * unit_scale[None]
+    return acc
+
+  if variant == "gemv":
+    acc = lax.fori_loop(0, trips, step, jnp.zeros((block_m, units, block_n), jnp.float32))
+    acc = jnp.sum(acc, axis=1)
+  else:
+    acc = lax.fori_loop(0, trips, step, jnp.zeros((block_m, block_n), jnp.float32))
+  o_ok = _and_masks((block_m, block_n), m_ok, n_ok)
+  if o_ok is None:
+    o_ref[s, rows, cols] = acc
+  else:
+    pltriton.store(o_ref.at[s, rows, cols], acc, mask=o_ok)
+
+
+def _validate(x, codes, scales, codebook, bits, block_size):
+  """Raises TypeError/ValueError naming the argument when the inputs do not fit together."""
+  if isinstance(bits, bool) or not isinstance(bits, Integral) or not 1 <= bits <= 8:
+    raise ValueError(f"{bits=} must be an int in 1..8")
+  if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 1:
+    raise ValueError(f"{block_size=} must be a positive int")
+  if block_size < 32 or not _is_pow2(block_size):
+    raise NotImplementedError(f"{block_size=}: this kernel takes powers of two >= 32 (32, 64, 128)")
+  if jnp.dtype(x.dtype).name not in _ACTIVATION_DTYPES:
+    raise TypeError(f"x must be one of {_ACTIVATION_DTYPES}, got x.dtype={x.dtype}")
+  if codes.dtype != jnp.uint32:
+    raise TypeError(f"codes must be uint32 (packing layout bitstream-u32), got {codes.dtype=}")
+  if scales.dtype not in (jnp.float32, jnp.bfloat16):
+    raise TypeError(f"scales must be float32 or bfloat16 (decoded), got {scales.dtype=}")
+  if codebook.dtype != jnp.float32:
+    raise TypeError(f"codebook must be float32, got {codebook.dtype=}")
+  if x.ndim != 2 or x.shape[0] < 1:
+    raise ValueError(f"x must be [M, Kp] with M >= 1, got x.shape={tuple(x.shape)}")
+  m, kp = x.shape
+  if kp < 1 or kp % 32 or kp % block_size:
+    raise ValueError(f"x.shape[1]={kp} (Kp) must be a positive multiple of 32 and of "
+                     f"{block_size=}; zero-pad x and the weight along K")
+  if codes.ndim != 2 or codes.shape[0] != kp * bits // 32 or codes.shape[1] < 1:
+    raise ValueError(f"codes must be [Kp*bits/32, N] = [{kp * bits // 32}, N] for Kp={kp} and "
+                     f"{bits=}, got codes.shape={tuple(codes.shape)}")
+  n = codes.shape[1]
+  if scales.shape != (kp // block_size, n):
+    raise ValueError(f"scales must be [Kp/block_size, N] = {(kp // block_size, n)}, got "
+                     f"scales.shape={tuple(scales.shape)}")
+  if codebook.shape != (2**bits,):
+    raise ValueError(f"codebook must have exactly 2**bits = {2**bits} entries (pad it), got "
+                     f"codebook.shape={tuple(codebook.shape)}")
+
+
+def _validate_block_sizes(sizes, variant, bits):
+  if not isinstance(sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a BlockSizes or None, got {type(sizes).__name__}")
+  v, _ = _unit(bits)
+  fields = dataclasses.asdict(sizes)
+  for name in ("block_m", "block_n", "block_k"):
+    if not _is_pow2(fields[name]):
+      raise ValueError(f"block_sizes.{name}={fields[name]} must be a power of two")
+  for name in ("split_k", "num_warps", "num_stages"):
+    if fields[name] < 1:
+      raise ValueError(f"block_sizes.{name}={fields[name]} must be >= 1")
+  minimum_k = 16 * v if variant == "gemm" else v
+  if sizes.block_k < minimum_k:
+    raise ValueError(f"block_sizes.block_k={sizes.block_k} must be >= {minimum_k} for the "
+                     f"{variant} variant at {bits=} ({v} codes per packed unit)")
+  if variant == "gemm" and min(sizes.block_m, sizes.block_n) < 16:
+    raise ValueError(f"block_sizes.block_m and block_n must be >= 16 for the gemm variant "
+                     f"(Triton dot), got {sizes}")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("bits", "block_size", "block_sizes", "variant", "interpret"))
+def qmatmul_pallas_gpu(x: jax.Array, codes: jax.Array, scales: jax.Array, codebook: jax.Array,
+                       *, bits: int, block_size: int, block_sizes: BlockSizes | None = None,
+                       variant: str | None = None, interpret: bool = False) -> jax.Array:
+  """x @ W for a codebook-quantised W, as a Pallas Triton kernel: float32 [M, N].
+
+  Args:
+    x: activations [M, Kp], float32 or bfloat16, zero-padded along K by the caller.
+    codes: uint32 [Kp·bits/32, N], codes packed along axis 0 (layout bitstream-u32 v1).
+    scales: float32 or bfloat16 [Kp/block_size, N], decoded block scales (bfloat16 scales
+      are read as stored, saving a decoding pass and half their bandwidth).
+    codebook: float32 [2**bits], the format's values padded to 2**bits entries.
+    bits: bits per code, 1..8.
+    block_size: K rows per scale: a power of two ≥ 32 dividing Kp.
+    block_sizes: tiling; default `default_block_sizes(variant, M, Kp, N, bits)`.
+    variant: ``"gemv"`` or ``"gemm"``; default GEMV for M ≤ `GEMV_MAX_M`, else GEMM.
+    interpret: run the kernel in Pallas interpret mode (any backend; slow).
+
+  Returns:
+    y[M, N] = x @ W in float32, W[k, n] = codebook[code[k, n]] · scales[k // block_size, n].
+
+  Raises:
+    TypeError: an argument has the wrong dtype, or `block_sizes` is not a `BlockSizes`.
+    ValueError: shapes that do not fit together, or unsupported `bits`, `block_size`,
+      `variant` or `block_sizes`.
+  """
+  _validate(x, codes, scales, codebook, bits, block_size)
+  m, kp = x.shape
+  n = codes.shape[1]
+  if variant is None:
+    variant = "gemv" if m <= GEMV_MAX_M else "gemm"
+  elif variant not in VARIANTS:
+    raise ValueError(f"{variant=} must be one of {VARIANTS} or None")
+  sizes = (default_block_sizes(variant, m, kp, n, bits) if block_sizes is None else block_sizes)
+  _validate_block_sizes(sizes, variant, bits)
+  v, u = _unit(bits)
+  trips = pl.cdiv(pl.cdiv(kp, sizes.block_k), sizes.split_k)
+  kernel = functools.partial(
+      _qmatmul_kernel, variant=variant, bits=bits, block_size=block_size, sizes=sizes,
+      trips=trips, mask_m=m % sizes.block_m != 0, mask_n=n % sizes.block_n != 0,
+      mask_k=trips * sizes.split_k * sizes.block_k != kp)
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((sizes.split_k, m, n), jnp.float32),
+      grid=(pl.cdiv(m, sizes.block_m), pl.cdiv(n, sizes.block_n), sizes.split_k),
+      compiler_params=pltriton.CompilerParams(
+          num_warps=sizes.num_warps, num_stages=sizes.num_stages),
+      interpret=interpret,
+      name=f"jaxquant_qmatmul_{variant}",
+  )(x.reshape(m, kp // v, v), codes.reshape(kp // v, u, n), scales,
+    _lookup_table(codebook, bits))
+  return jnp.sum(out, axis=0)
