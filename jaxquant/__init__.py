@@ -15,10 +15,24 @@ from jaxquant.qarray import QuantisedArray as QuantisedArray
 from jaxquant.qarray import QuantSpec as QuantSpec
 from jaxquant.qarray import dequantise as dequantise
 from jaxquant.qarray import quantise as quantise
+from jaxquant.qat import fake_quantise as fake_quantise
+from jaxquant.qat import qat_matmul as qat_matmul
+from jaxquant.nn.rules import Rule as Rule
+
+# The Flax layers import Flax, so they load on first use: jaxquant.nnx, jaxquant.linen.
+_LAZY_MODULES = {"nnx": "jaxquant.nn.nnx", "linen": "jaxquant.nn.linen",
+                 "checkpoint": "jaxquant.nn.checkpoint", "sharding": "jaxquant.nn.sharding"}
+
+
+def __getattr__(name):
+  if name in _LAZY_MODULES:
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module(_LAZY_MODULES[name])
+  raise AttributeError(f"module 'jaxquant' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuantSpec", "QuantisedArray", "dequantise", "distributions", "fitting", "formats", "metrics",
-    "packing", "qmatmul", "quantise", "scaling",
+    "QuantSpec", "QuantisedArray", "Rule", "dequantise", "distributions", "fake_quantise",
+    "fitting", "formats", "metrics", "packing", "qat_matmul", "qmatmul", "quantise", "scaling",
 ]

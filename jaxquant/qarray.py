@@ -157,10 +157,12 @@ class QuantisedArray:
 
   def __repr__(self):
     blocks = self.granularity if self.granularity != "block" else f"block_size={self.block_size}"
+    # Tools such as Flax's repr replace the leaves by summaries that have no size.
+    arrays = all(hasattr(leaf, "size") for leaf in (self.codes, self.scales))
+    cost = f", bits_per_param={self.bits_per_param:.4f}" if arrays else ""
     return (f"QuantisedArray(shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
-            f"format={self.format_name!r}, {blocks}, "
-            f"axis={self.axis}, scaling={self.scaling!r}, "
-            f"bits_per_param={self.bits_per_param:.4f})")
+            f"format={self.format_name!r}, {blocks}, axis={self.axis}, "
+            f"scaling={self.scaling!r}{cost})")
 
 
 jax.tree_util.register_dataclass(

@@ -1,0 +1,1 @@
+"""Flax integration: rules, NNX and Linen layers, checkpoints (imports Flax)."""
