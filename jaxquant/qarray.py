@@ -36,7 +36,8 @@ class QuantSpec:
       slice along `axis`: the whole axis is one block) or ``"tensor"`` (one scale). Default:
       the format's own block size, else 64.
     scaling: ``"absmax"``, ``"signmax"`` or ``"rms"``. Default: the format's own, else absmax.
-    scale_dtype: ``float32``, ``bfloat16`` (default), ``float8_e4m3fn`` or ``"e8m0"``.
+    scale_dtype: ``float32``, ``bfloat16`` (default), ``float8_e4m3fn`` or ``"e8m0"``; None
+      with `double_quant`.
     axis: the axis blocks run along (Flax kernels are [in, out]: use 0 to block along the
       contraction axis, as `qmatmul` needs).
     double_quant: store scales as int8 in groups of 256 with float32 group scales (QLoRA).
@@ -81,7 +82,9 @@ class QuantSpec:
       raise ValueError(
           f"scale_dtype={self.scale_dtype!r} cannot be combined with double_quant=True, which "
           "stores scales as int8 with float32 group scales")
-    scale_dtype = scaling.canonical_scale_dtype(self.scale_dtype or "bfloat16")
+    # With double quantisation the scales are 8-bit codes: no scale_dtype is stored.
+    scale_dtype = None if self.double_quant else scaling.canonical_scale_dtype(
+        self.scale_dtype or "bfloat16")
     if chosen == "signmax" and scale_dtype == "e8m0":
       raise ValueError("scaling='signmax' needs signed scales; scale_dtype='e8m0' has no sign")
     if chosen == "absmax" and fmt.absmax_target <= 0:

@@ -279,3 +279,12 @@ def test_formats_of_one_width_share_a_compilation():
   jq.quantise(x, jq.QuantSpec("sf4"))
   jq.quantise(x, jq.QuantSpec("int4"))
   assert qarray._quantise._cache_size() == before  # pylint: disable=protected-access
+
+
+def test_spec_survives_dataclasses_replace():
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  for spec in (jq.QuantSpec("nf4", double_quant=True), jq.QuantSpec("int4", scale_dtype="e8m0"),
+               jq.QuantSpec("crd-t5-signmax-3b")):
+    moved = dataclasses.replace(spec, axis=0)
+    assert moved.axis == 0 and moved.format == spec.format
+    assert (moved.scale_dtype, moved.double_quant) == (spec.scale_dtype, spec.double_quant)
