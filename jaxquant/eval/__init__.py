@@ -1,0 +1,1 @@
+"""Evaluation on real pretrained models: loaders, JAX forwards built from NNX layers, metrics."""

@@ -1,0 +1,69 @@
+"""The real-model tasks of `jaxquant report`: a float model, its layers, and a metric.
+
+- ``minilm``: all-MiniLM-L6-v2. All 36 encoder Linear layers are quantised; the metric is
+  1 − mean cosine between float and quantised sentence embeddings of the stored sentences
+  (`jaxquant/eval/data/sentences.txt`), with the Spearman correlation of pairwise
+  similarities reported beside it.
+- ``smollm2``: SmolLM2-135M-Instruct. All 210 decoder-block Linear layers are quantised (the
+  tied embedding stays as loaded); the metric is the paper's top-128 + tail next-token KL to
+  the float model over ≥ 2,000 tokens of Python standard-library documentation, with the full
+  KL and perplexity beside it. Its float weights already lie on a Q4_1 grid.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.eval.report import Task
+
+
+class ModelMissing(RuntimeError):
+  """A model package (or a reader it needs) is not installed; the message says how to."""
+
+
+def load_task(name: str, *, quick: bool = False) -> Task:
+  """The task called `name` ("minilm" or "smollm2"); `quick` evaluates on less data."""
+  loaders = {"minilm": _minilm, "smollm2": _smollm2}
+  if name not in loaders:
+    raise ValueError(f"{name=} is not one of {tuple(loaders)}")
+  try:
+    return loaders[name](quick)
+  except ModuleNotFoundError as error:
+    raise ModelMissing(str(error)) from None
+
+
+def _minilm(quick: bool) -> Task:
+  from jaxquant.eval.models import minilm  # pylint: disable=import-outside-toplevel
+  model, tokenizer = minilm.load_minilm()
+  sentences = minilm.eval_sentences()[:16] if quick else minilm.eval_sentences()
+  reference = minilm.encode(model, tokenizer, sentences)
+
+  def score(quantised):
+    metrics = minilm.evaluate(reference, minilm.encode(quantised, tokenizer, sentences))
+    return {"1 - cosine": 1.0 - metrics["mean_cosine"], **metrics}
+
+  return Task("all-MiniLM-L6-v2", model, layers=r"layers/\d+/.*", metric="1 - cosine",
+              score=score, note=f"{len(sentences)} sentences; 36 encoder Linear layers")
+
+
+def _smollm2(quick: bool) -> Task:
+  from jaxquant.eval import text  # pylint: disable=import-outside-toplevel
+  from jaxquant.eval.models import smollm2  # pylint: disable=import-outside-toplevel
+  model, tokenizer = smollm2.load_smollm2()
+  ids = jnp.asarray(text.evaluation_tokens(tokenizer, n_tokens=512 if quick else 2048))
+  forward = jax.jit(lambda m, tokens: m(tokens))
+  reference = forward(model, ids)
+
+  def score(quantised):
+    logits = forward(quantised, ids)
+    return {"top-128 KL": float(jnp.mean(text.topk_kl(reference, logits))),
+            "KL": float(jnp.mean(text.kl_divergence(reference, logits))),
+            "perplexity": float(text.perplexity(logits, ids))}
+
+  note = (f"{int(np.prod(ids.shape))} tokens; 210 decoder Linear layers. The float weights "
+          "already lie on a Q4_1 grid (asymmetric, groups of 32), so errors are relative to "
+          "that, and formats are compared at block 64.")
+  return Task("SmolLM2-135M-Instruct", model, layers=r"layers/\d+/.*", metric="top-128 KL",
+              score=score, note=note)

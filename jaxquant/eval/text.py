@@ -1,0 +1,133 @@
+"""Evaluation text for language models, and next-token metrics: KL divergences and perplexity.
+
+The text is English that ships with every Python: the docstrings of a fixed list of standard
+library modules (technical prose with some code), so no dataset is downloaded. It is fixed for
+a given Python version; docstrings change a little between versions, so compare numbers
+measured under one Python.
+
+The metrics compare a reference model p (the float model) with a quantised model q on the
+same tokens, position by position, in float32 from the logits (softmax over the last axis).
+`topk_kl` is the protocol of the optimal-formats paper (§6 of its research notes): the top-128
+entries of p plus one bucket for the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Standard-library modules whose docstrings are English prose with some code and API lists.
+TEXT_MODULES = ("argparse", "csv", "heapq", "re", "json", "sqlite3", "subprocess", "unittest",
+                "copy", "collections", "tempfile", "sched", "doctest", "inspect", "turtle",
+                "typing")
+
+
+def evaluation_text() -> str:
+  """The docstrings of `TEXT_MODULES`, in that order, separated by blank lines (~7,600 tokens)."""
+  docs = [inspect.getdoc(importlib.import_module(name)) for name in TEXT_MODULES]
+  if not all(docs):
+    raise RuntimeError("standard-library docstrings are missing (is Python running with -OO?)")
+  return "\n\n".join(docs)
+
+
+def evaluation_tokens(tokenizer, n_tokens: int = 2048, seq_len: int = 256) -> np.ndarray:
+  """The evaluation text as ⌈n_tokens / seq_len⌉ sequences [n, seq_len] of int32 token ids.
+
+  The text is tokenised once without special tokens and cut into consecutive, non-overlapping
+  pieces; each sequence is the tokens the tokenizer puts in front of a text (BOS for SmolLM2's,
+  found by encoding the empty string) followed by one piece. The defaults give 8 sequences of
+  256 (2,040 text tokens with one BOS each).
+
+  Args:
+    tokenizer: a `tokenizers.Tokenizer`.
+    n_tokens: at least this many tokens in all, BOS included.
+    seq_len: tokens per sequence, BOS included.
+
+  Raises:
+    ValueError: the text has too few tokens for the request.
+  """
+  prefix = tokenizer.encode("").ids
+  body = tokenizer.encode(evaluation_text(), add_special_tokens=False).ids
+  n_sequences, piece = -(-n_tokens // seq_len), seq_len - len(prefix)
+  if piece < 1 or n_sequences * piece > len(body):
+    raise ValueError(f"{n_sequences} sequences of {seq_len} tokens need "
+                     f"{n_sequences * piece} text tokens; the text has {len(body)}")
+  return np.asarray([prefix + body[i * piece:(i + 1) * piece] for i in range(n_sequences)],
+                    np.int32)
+
+
+def _log_softmax(logits: jax.Array) -> jax.Array:
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+@jax.jit
+def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+  """The full next-token KL divergence D(p‖q) in nats at every position.
+
+  D(p‖q) = Σⱼ pⱼ (log pⱼ − log qⱼ) over the whole vocabulary, with p = softmax(p_logits) the
+  reference and q = softmax(q_logits); entries with pⱼ = 0 add nothing.
+
+  Args:
+    p_logits, q_logits: [..., vocab] logits of the two models at the same positions.
+
+  Returns:
+    [...] float32, ≥ 0 (0 where the distributions agree).
+  """
+  log_p, log_q = _log_softmax(p_logits), _log_softmax(q_logits)
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "tail_floor"))
+def topk_kl(p_logits: jax.Array, q_logits: jax.Array, k: int = 128, *,
+            tail_floor: float = 1e-6) -> jax.Array:
+  """The paper's top-k + tail-bucket KL divergence in nats at every position.
+
+  With T the k most probable entries of p and the tail masses p_tail = Σ_{j∉T} pⱼ and
+  q_tail = Σ_{j∉T} qⱼ (both over the complement of p's top k, each clipped to ≥ `tail_floor`):
+
+    D_k(p‖q) = Σ_{j∈T} pⱼ (log pⱼ − log qⱼ) + p_tail (log p_tail − log q_tail).
+
+  This is the KL divergence between p and q with the tail merged into one outcome, so
+  0 ≤ D_k ≤ D up to the clipping, and with k = vocab it is the full `kl_divergence` (both tails
+  are empty and clip to the same floor). The tails are summed in log space over the complement
+  (a masked log-sum-exp), not as 1 − Σ_T, which would cancel catastrophically when p is sharp.
+
+  Args:
+    p_logits, q_logits: [..., vocab] logits of the reference and the compared model.
+    k: the number of reference entries kept (the paper uses 128), 1 ≤ k ≤ vocab.
+    tail_floor: the least tail mass.
+
+  Returns:
+    [...] float32.
+  """
+  log_p, log_q = _log_softmax(p_logits), _log_softmax(q_logits)
+  top_log_p, top = jax.lax.top_k(log_p, k)
+  top_log_q = jnp.take_along_axis(log_q, top, axis=-1)
+  in_top = jnp.put_along_axis(jnp.zeros(log_p.shape, bool), top, True, axis=-1, inplace=False)
+
+  def log_tail(log_x):
+    tail = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, log_x), axis=-1)
+    return jnp.maximum(tail, math.log(tail_floor))
+
+  log_p_tail, log_q_tail = log_tail(log_p), log_tail(log_q)
+  return (jnp.sum(jnp.exp(top_log_p) * (top_log_p - top_log_q), axis=-1)
+          + jnp.exp(log_p_tail) * (log_p_tail - log_q_tail))
+
+
+@jax.jit
+def perplexity(logits: jax.Array, ids: jax.Array) -> jax.Array:
+  """exp of the mean next-token cross-entropy of `ids` [batch, length] under `logits`.
+
+  PPL = exp(−1/(B(T−1)) Σ_b Σ_{t<T−1} log softmax(logits[b, t])[ids[b, t+1]]): the logits
+  [batch, length, vocab] at position t predict token t + 1, so the last position is unused.
+  Returns a float32 scalar.
+  """
+  log_probs = _log_softmax(logits[:, :-1])
+  targets = jnp.take_along_axis(log_probs, ids[:, 1:, None].astype(jnp.int32), axis=-1)
+  return jnp.exp(-jnp.mean(targets))
