@@ -237,10 +237,12 @@ def write_outputs(task: Task, rows: Sequence[Row], out: pathlib.Path, meta: dict
     return written
   figure, axes = plt.subplots(figsize=(7, 4.5))
   markers = "osD^v<>phX*P"
-  for index, label in enumerate(dict.fromkeys(row.format for row in rows)):
-    points = [(row.bits_per_param, row.metric) for row in rows if row.format == label]
+  labels = list(dict.fromkeys(row.format for row in rows))
+  for index, label in enumerate(labels):
+    spread = 0.08 * (index / max(1, len(labels) - 1) - 0.5)  # side by side, not on top
+    points = [(row.bits_per_param + spread, row.metric) for row in rows if row.format == label]
     axes.plot(*zip(*points), markers[index % len(markers)], label=label, linestyle="none")
-  axes.set_xlabel("bits per parameter (codes + scales)")
+  axes.set_xlabel("bits per parameter, codes + scales (formats spread ±0.04 to stay visible)")
   axes.set_ylabel(task.metric)
   axes.set_yscale("log")
   axes.set_title(f"{task.name}: {task.metric} against bits per parameter")
