@@ -1,0 +1,370 @@
+"""Saving and restoring quantised models and parameter trees (orbax arrays + JSON metadata).
+
+A checkpoint is a local directory holding two entries:
+
+- ``arrays/``: an orbax checkpoint (`orbax.checkpoint.StandardCheckpointer`) of a plain nested
+  dict of arrays with string keys. Every leaf of the saved tree sits under its path; a
+  `QuantisedArray` leaf becomes a dict of its array leaves, ``codes``, ``scales``,
+  ``codebook`` and, when present, ``scale_scales``. No Python class is pickled.
+- ``jaxquant.json``: what orbax does not store. Static metadata is not part of a pytree's
+  leaves, so without this file a checkpoint could not say how its codes are packed::
+
+    {
+      "format_version": 1,
+      "jaxquant_version": "0.1.0",
+      "packing": {"layout": "bitstream-u32", "layout_version": 1},
+      "leaves": {
+        "down/bias": {"shape": [256], "dtype": "float32", "sha256": "…"},
+        "down/kernel": {
+          "quantised_array": {"format_name": "nf4", "bits": 4, "block_size": 64,
+                              "axis": 0, "scaling": "absmax", "granularity": "block",
+                              "shape": [512, 256], "dtype": "float32",
+                              "layout": "bitstream-u32", "layout_version": 1},
+          "arrays": {"codes": {"shape": [64, 256], "dtype": "uint32", "sha256": "…"},
+                     "scales": {"shape": [8, 256], "dtype": "bfloat16", "sha256": "…"},
+                     "codebook": {"shape": [16], "dtype": "float32", "sha256": "…"}}},
+        …
+      }
+    }
+
+  ``leaves`` lists the saved tree's leaves in pytree order by their '/'-joined paths (the
+  keys of the nested dict in ``arrays/``). An array leaf records its shape, dtype and the
+  SHA-256 of its bytes (C order, little-endian; a PRNG key array its `jax.random.key_data`); a
+  `QuantisedArray` records its static metadata and the same for each of its arrays.
+  ``format_version`` is `FORMAT_VERSION`, bumped whenever this layout changes; ``packing``
+  names the bit layout of the codes (`jaxquant.packing`).
+
+`restore` needs a target of the saved structure (orbax restores against an abstract tree, and
+the static metadata must come from the model's code). It checks the target against
+``jaxquant.json`` (paths, shapes, dtypes, every `QuantisedArray` field) before reading any
+array, and checks every array read against its SHA-256, because orbax reads flipped bytes
+back without complaint. Any disagreement raises rather than returning wrong weights.
+
+Saving writes ``arrays/`` first and ``jaxquant.json`` last, so a directory without
+``jaxquant.json`` is an incomplete save. Checkpoints are written by one process with fully
+addressable arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+import jaxquant
+from jaxquant import packing
+from jaxquant.qarray import QuantisedArray
+
+__all__ = ["FORMAT_VERSION", "read_metadata", "restore", "save"]
+
+FORMAT_VERSION = 1
+
+_ARRAYS = "arrays"
+_METADATA = "jaxquant.json"
+_STATIC_FIELDS = ("format_name", "bits", "block_size", "axis", "scaling", "granularity",
+                  "shape", "dtype", "layout", "layout_version")
+_PARTS = ("codes", "scales", "codebook", "scale_scales")
+_ARRAY_KEYS = {"shape", "dtype", "sha256"}
+
+
+def _pure(tree):
+  """The tree whose leaves are saved: an NNX model's state as a nested dict, else `tree`."""
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree)
+  return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+
+def _key_name(entry) -> str:
+  for attribute in ("key", "idx", "name"):
+    if hasattr(entry, attribute):
+      name = str(getattr(entry, attribute))
+      if "/" in name:
+        raise ValueError(f"the tree has a key {name!r} with a '/', which checkpoint paths use "
+                         "as a separator")
+      return name
+  raise TypeError(f"unsupported pytree key {entry!r}")
+
+
+def _flatten(tree) -> tuple[dict[str, Any], Any]:
+  """({'/'-joined path: leaf}, treedef), `QuantisedArray`s kept whole as leaves."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, QuantisedArray))
+  flat = {}
+  for key_path, leaf in leaves:
+    path = "/".join(_key_name(entry) for entry in key_path)
+    if not isinstance(leaf, QuantisedArray) and not (
+        hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+      raise TypeError(f"leaf {path!r} is a {type(leaf).__name__}, not an array or a "
+                      "QuantisedArray")
+    flat[path] = leaf
+  return flat, treedef
+
+
+def _parts(q: QuantisedArray) -> dict[str, Any]:
+  return {name: getattr(q, name) for name in _PARTS if getattr(q, name) is not None}
+
+
+def _sha256(path: str, array) -> str:
+  """The SHA-256 of a concrete array's bytes (C order, little-endian)."""
+  if not getattr(array, "is_fully_addressable", True):
+    raise ValueError(f"array {path!r} is not fully addressable; checkpoints are written and "
+                     "read by one process")
+  if jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
+    array = jax.random.key_data(array)
+  host = np.asarray(array)
+  host = np.ascontiguousarray(host, host.dtype.newbyteorder("<"))
+  return hashlib.sha256(host.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _array_entry(path: str, array, checksum: bool) -> dict[str, Any]:
+  entry = {"shape": [int(d) for d in array.shape], "dtype": str(array.dtype)}
+  if checksum:
+    entry["sha256"] = _sha256(path, array)
+  return entry
+
+
+def _describe(flat: dict[str, Any], checksum: bool) -> dict[str, Any]:
+  """The ``leaves`` table of ``jaxquant.json`` (without checksums for a restore target)."""
+  leaves = {}
+  for path, leaf in flat.items():
+    if isinstance(leaf, QuantisedArray):
+      static = {name: getattr(leaf, name) for name in _STATIC_FIELDS}
+      static["shape"] = [int(d) for d in leaf.shape]
+      static["dtype"] = str(np.dtype(leaf.dtype))
+      leaves[path] = {"quantised_array": static, "arrays": {
+          name: _array_entry(f"{path}/{name}", part, checksum)
+          for name, part in _parts(leaf).items()}}
+    else:
+      leaves[path] = _array_entry(path, leaf, checksum)
+  return leaves
+
+
+def _arrays_tree(flat: dict[str, Any], value) -> dict[str, Any]:
+  """The nested dict stored by orbax, each array (or `QuantisedArray` part) mapped by `value`."""
+  tree = {}
+  for path, leaf in flat.items():
+    *parents, last = path.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = ({name: value(part) for name, part in _parts(leaf).items()}
+                  if isinstance(leaf, QuantisedArray) else value(leaf))
+  return tree
+
+
+def save(path, model_or_params, *, overwrite: bool = False) -> None:
+  """Saves an NNX model's state, or a pytree of arrays and `QuantisedArray`s, to `path`.
+
+  Args:
+    path: a local directory; created if missing.
+    model_or_params: an `nnx.Module` (its whole `nnx.state`), an `nnx.State`, or any pytree
+      whose leaves are arrays or `QuantisedArray`s (e.g. Linen params).
+    overwrite: replace a checkpoint already at `path`.
+
+  Raises:
+    FileExistsError: `path` is not empty and `overwrite` is False, or `path` holds files that
+      are not a jaxquant checkpoint's (they are never deleted).
+    TypeError: a leaf is not an array or a `QuantisedArray`.
+    ValueError: the tree has no arrays, a key contains '/', or an array is not fully
+      addressable.
+  """
+  path = os.path.abspath(os.fspath(path))
+  flat, _ = _flatten(_pure(model_or_params))
+  if not flat:
+    raise ValueError("there is nothing to save: the tree has no arrays")
+  for leaf_path, leaf in flat.items():
+    arrays = _parts(leaf).values() if isinstance(leaf, QuantisedArray) else (leaf,)
+    if not all(isinstance(a, (jax.Array, np.ndarray, np.generic)) for a in arrays):
+      raise TypeError(f"leaf {leaf_path!r} holds no concrete array (an abstract model or "
+                      "ShapeDtypeStruct cannot be saved)")
+  metadata = {"format_version": FORMAT_VERSION, "jaxquant_version": jaxquant.__version__,
+              "packing": {"layout": packing.LAYOUT, "layout_version": packing.LAYOUT_VERSION},
+              "leaves": _describe(flat, checksum=True)}
+  if os.path.isdir(path) and os.listdir(path):
+    if not overwrite:
+      raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace the "
+                            "checkpoint there")
+    foreign = sorted(set(os.listdir(path)) - {_ARRAYS, _METADATA})
+    if foreign:
+      raise FileExistsError(f"{path} holds {foreign}, which a jaxquant checkpoint does not; "
+                            "refusing to overwrite it")
+    # The metadata goes first: a save interrupted from here on leaves no jaxquant.json.
+    if os.path.exists(os.path.join(path, _METADATA)):
+      os.remove(os.path.join(path, _METADATA))
+    shutil.rmtree(os.path.join(path, _ARRAYS), ignore_errors=True)
+  os.makedirs(path, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(path, _ARRAYS), _arrays_tree(flat, lambda a: a))
+    checkpointer.wait_until_finished()
+  partial = os.path.join(path, _METADATA + ".partial")
+  with open(partial, "w", encoding="utf-8") as file:
+    json.dump(metadata, file, indent=1)
+  os.replace(partial, os.path.join(path, _METADATA))
+
+
+def _require(condition: bool, path: str, problem: str) -> None:
+  if not condition:
+    raise ValueError(f"{path} is not a valid jaxquant checkpoint: {problem}")
+
+
+def _valid_array_entry(entry) -> bool:
+  return (isinstance(entry, dict) and set(entry) == _ARRAY_KEYS
+          and isinstance(entry["shape"], list)
+          and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+          and isinstance(entry["dtype"], str) and isinstance(entry["sha256"], str))
+
+
+def read_metadata(path) -> dict[str, Any]:
+  """The parsed and checked ``jaxquant.json`` of the checkpoint at `path`.
+
+  Raises:
+    FileNotFoundError: `path` is not a directory.
+    ValueError: ``jaxquant.json`` is missing, is not valid JSON, has an unknown
+      ``format_version`` or packing layout, or lacks a field this format requires.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint directory at {path}")
+  file = os.path.join(path, _METADATA)
+  _require(os.path.isfile(file), path, f"it has no {_METADATA} (an interrupted save, or not "
+           "written by jaxquant.checkpoint.save)")
+  try:
+    with open(file, encoding="utf-8") as handle:
+      metadata = json.load(handle)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path} is not a valid jaxquant checkpoint: {_METADATA} is not valid "
+                     f"JSON ({error})") from None
+  _require(isinstance(metadata, dict) and "format_version" in metadata, path,
+           f"{_METADATA} has no format_version")
+  version = metadata["format_version"]
+  _require(version == FORMAT_VERSION, path, f"format_version {version!r} is not supported "
+           f"(this jaxquant reads format_version {FORMAT_VERSION})")
+  _require(set(metadata) == {"format_version", "jaxquant_version", "packing", "leaves"}, path,
+           f"{_METADATA} has fields {sorted(metadata)}")
+  layout = metadata["packing"]
+  current = {"layout": packing.LAYOUT, "layout_version": packing.LAYOUT_VERSION}
+  _require(layout == current, path, f"packing layout {layout!r} is not supported (this "
+           f"jaxquant packs codes as {current!r})")
+  _require(isinstance(metadata["leaves"], dict), path, "leaves is not a JSON object")
+  for leaf_path, entry in metadata["leaves"].items():
+    if isinstance(entry, dict) and "quantised_array" in entry:
+      valid = (set(entry) == {"quantised_array", "arrays"}
+               and isinstance(entry["quantised_array"], dict)
+               and set(entry["quantised_array"]) == set(_STATIC_FIELDS)
+               and isinstance(entry["arrays"], dict)
+               and {"codes", "scales", "codebook"} <= set(entry["arrays"]) <= set(_PARTS)
+               and all(map(_valid_array_entry, entry["arrays"].values())))
+    else:
+      valid = _valid_array_entry(entry)
+    _require(valid, path, f"the entry of leaf {leaf_path!r} is malformed: {entry!r}")
+  return metadata
+
+
+def _without_checksum(entry: dict[str, Any]) -> dict[str, Any]:
+  return {name: value for name, value in entry.items() if name != "sha256"}
+
+
+def _leaf_mismatch(path: str, saved: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+  """How the target's leaf `wanted` differs from the saved leaf `saved`, or None."""
+  saved_kind, wanted_kind = ("a QuantisedArray" if "quantised_array" in entry else "an array"
+                             for entry in (saved, wanted))
+  if saved_kind != wanted_kind:
+    return f"leaf {path!r} is {saved_kind} in the checkpoint but {wanted_kind} in the target"
+  if "quantised_array" in saved:
+    for field in _STATIC_FIELDS:
+      if saved["quantised_array"][field] != wanted["quantised_array"][field]:
+        return (f"leaf {path!r}: {field} is {saved['quantised_array'][field]!r} in the "
+                f"checkpoint but {wanted['quantised_array'][field]!r} in the target")
+    arrays = [(f"{path}/{name}", saved["arrays"].get(name), wanted["arrays"].get(name))
+              for name in _PARTS]
+  else:
+    arrays = [(path, saved, wanted)]
+  for array_path, saved_array, wanted_array in arrays:
+    if (saved_array is None) != (wanted_array is None):
+      where = "target" if saved_array is None else "checkpoint"
+      return f"array {array_path!r} is only in the {where}"
+    if saved_array is not None and _without_checksum(saved_array) != wanted_array:
+      return (f"array {array_path!r} is {_without_checksum(saved_array)} in the checkpoint "
+              f"but {wanted_array} in the target")
+  return None
+
+
+def _check_target(path: str, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
+  for leaf_path, entry in saved.items():
+    problem = (f"leaf {leaf_path!r} is in the checkpoint but not in the target"
+               if leaf_path not in wanted else _leaf_mismatch(leaf_path, entry, wanted[leaf_path]))
+    if problem:
+      raise ValueError(f"the target does not match the checkpoint at {path}: {problem}")
+  extra = next((leaf_path for leaf_path in wanted if leaf_path not in saved), None)
+  if extra is not None:
+    raise ValueError(f"the target does not match the checkpoint at {path}: leaf {extra!r} is "
+                     "in the target but not in the checkpoint")
+
+
+def restore(path, target):
+  """The checkpoint at `path` restored into the structure of `target`.
+
+  Args:
+    path: a directory written by `save`.
+    target: an NNX model (e.g. ``nnx.eval_shape(lambda: quantise_model(Model(rngs), rules))``,
+      or a freshly built quantised model) or `nnx.State`, which is updated in place and
+      returned; or a pytree like the saved one with array or `jax.ShapeDtypeStruct` leaves
+      (a sharding on a leaf is kept), for which a new pytree is returned.
+
+  Returns:
+    `target` holding the saved values (NNX), or a pytree of `target`'s structure.
+
+  Raises:
+    FileNotFoundError: `path` is not a directory.
+    ValueError: ``jaxquant.json`` is missing or invalid (see `read_metadata`); the target's
+      leaf paths, shapes, dtypes or `QuantisedArray` metadata differ from the checkpoint's
+      (the message names the first differing leaf and both values); or the array files are
+      unreadable or do not match their checksums.
+  """
+  metadata = read_metadata(path)
+  path = os.path.abspath(os.fspath(path))
+  flat, treedef = _flatten(_pure(target))
+  _check_target(path, metadata["leaves"], _describe(flat, checksum=False))
+
+  def abstract(leaf):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
+
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      arrays = checkpointer.restore(os.path.join(path, _ARRAYS), _arrays_tree(flat, abstract))
+  except Exception as error:  # orbax raises bare Exceptions for bad files.
+    cause = error  # The innermost error says which file failed and how (tensorstore's).
+    while cause.__cause__ is not None:
+      cause = cause.__cause__
+    raise ValueError(f"could not read the arrays of the checkpoint at {path}: {cause}") from error
+  restored = {}
+  for leaf_path, leaf in flat.items():
+    node = arrays
+    for part in leaf_path.split("/"):
+      node = node[part]
+    saved = metadata["leaves"][leaf_path]
+    stored = ([(f"{leaf_path}/{name}", node[name], entry)
+               for name, entry in saved["arrays"].items()]
+              if isinstance(leaf, QuantisedArray) else [(leaf_path, node, saved)])
+    for array_path, array, entry in stored:
+      if _sha256(array_path, array) != entry["sha256"]:
+        raise ValueError(f"array {array_path!r} of the checkpoint at {path} does not match its "
+                         "checksum: the array files are corrupted")
+    restored[leaf_path] = (dataclasses.replace(leaf, **{name: node.get(name) for name in _PARTS})
+                           if isinstance(leaf, QuantisedArray) else node)
+  values = jax.tree_util.tree_unflatten(treedef, list(restored.values()))
+  if not isinstance(target, (nnx.Module, nnx.State)):
+    return values
+  state = nnx.state(target) if isinstance(target, nnx.Module) else target
+  nnx.replace_by_pure_dict(state, values)
+  if isinstance(target, nnx.Module):
+    nnx.update(target, state)
+  return target
