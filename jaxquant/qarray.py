@@ -200,6 +200,11 @@ def nearest_codes(y: jax.Array, codebook: jax.Array) -> jax.Array:
   return code.astype(jnp.uint32)
 
 
+def codebook_lookup(codebook: jax.Array, codes: jax.Array) -> jax.Array:
+  """codebook[codes], laid out like `codes` (so it also works on explicitly sharded codes)."""
+  return codebook.at[codes.astype(jnp.int32)].get(out_sharding=jax.typeof(codes).sharding)
+
+
 def _check_input(x, spec: QuantSpec) -> jax.Array:
   if not isinstance(spec, QuantSpec):
     raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -322,7 +327,7 @@ def dequantise(q: QuantisedArray, dtype=None) -> jax.Array:
   axis, n = q.axis, q.shape[q.axis]
   codes = packing.unpack(q.codes, q.bits, axis)
   codes = jax.lax.slice_in_dim(codes, 0, q.n_blocks * q.block_size, axis=axis)
-  values = jnp.take(q.codebook, codes.astype(jnp.int32), axis=0)
+  values = codebook_lookup(q.codebook, codes)
   blocked = values.reshape(values.shape[:axis] + (q.n_blocks, q.block_size) + values.shape[axis + 1:])
   scales = scaling.decode_scales(q.scales, q.scale_scales)
   w = scaling.from_blocks(blocked * jnp.expand_dims(scales, axis + 1), axis, n)

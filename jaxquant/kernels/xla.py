@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxquant import packing, scaling
 from jaxquant.kernels.lookup import padded_codebook, select_lookup
-from jaxquant.qarray import QuantisedArray
+from jaxquant.qarray import QuantisedArray, codebook_lookup
 
 _TARGET_CHUNK = 256
 _SELECT_TREE_MAX_BITS = 4
@@ -48,7 +48,7 @@ def dequantised_chunk(q: QuantisedArray, scales: jax.Array, index, rows: int) ->
   if q.bits <= _SELECT_TREE_MAX_BITS:
     values = select_lookup(codes, padded_codebook(q.codebook, q.bits), q.bits)
   else:
-    values = jnp.take(q.codebook, codes.astype(jnp.int32), axis=0)
+    values = codebook_lookup(q.codebook, codes)
   if q.granularity != "block":
     return values * scales
   blocks = rows // q.block_size
