@@ -5,6 +5,7 @@ arrays are quantised in blocks with absmax, signmax or RMS scales and stored tru
 """
 
 from jaxquant import distributions as distributions
+from jaxquant import entropy as entropy
 from jaxquant import fitting as fitting
 from jaxquant import formats as formats
 from jaxquant import metrics as metrics
@@ -33,6 +34,7 @@ def __getattr__(name):
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuantSpec", "QuantisedArray", "Rule", "dequantise", "distributions", "fake_quantise",
+    "QuantSpec", "QuantisedArray", "Rule", "dequantise", "distributions", "entropy",
+    "fake_quantise",
     "fitting", "formats", "metrics", "packing", "qat_matmul", "qmatmul", "quantise", "scaling",
 ]
