@@ -27,9 +27,11 @@ from jaxquant.qarray import QuantisedArray, dequantise
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
 ACTIVATION_DTYPES = ("float32", "bfloat16")
-# Largest M for which "auto" uses the Pallas kernel: about where the 4-bit weight stream stops
-# dominating (kernels.md §2.2: M_crit ≈ 55 on H200 and 64 on TPU v5e at 4.25 bits).
-AUTO_PALLAS_MAX_M = {"gpu": 64, "tpu": 64}
+# Largest M for which "auto" uses the Pallas kernel. GPU: measured on an H200 (RESULTS.md,
+# 2026-11-28), the Triton GEMV beats dequantise + dot at M = 1 (1.3-2.0× at K = N = 8192) and
+# the GEMM loses to it from M = 16 on. TPU: where the 4-bit weight stream stops dominating
+# (kernels.md §2.2: M_crit ≈ 64 on v5e at 4.25 bits); not yet measured.
+AUTO_PALLAS_MAX_M = {"gpu": 8, "tpu": 64}
 
 
 def qmatmul(x: jax.Array, q: QuantisedArray, *, backend: str = "auto") -> jax.Array:

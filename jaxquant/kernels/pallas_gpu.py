@@ -100,6 +100,7 @@ _TARGET_PROGRAMS = 256
 _MIN_TRIPS = 4
 # Up to this many bits, codes are decoded in pairs (a 2**(2·bits)-entry pair table).
 _PAIR_MAX_BITS = 4
+_GEMM_TILE_BYTES = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +139,12 @@ def _is_pow2(n: int) -> bool:
   return n >= 1 and n & (n - 1) == 0
 
 
-def default_block_sizes(variant: str, m: int, k: int, n: int, bits: int) -> BlockSizes:
-  """Untuned default `BlockSizes` for `variant` on x[m, k] @ W[k, n] with `bits`-bit codes."""
+def default_block_sizes(variant: str, m: int, k: int, n: int, bits: int,
+                        dtype=jnp.bfloat16) -> BlockSizes:
+  """Untuned default `BlockSizes` for `variant` on x[m, k] @ W[k, n] with `bits`-bit codes.
+
+  `dtype` is the activations' (bfloat16 or float32): the GEMM's decoded tile has that dtype.
+  """
   v, _ = _unit(bits)
   if variant == "gemv":
     block_m = min(_next_pow2(m), GEMV_MAX_M)
@@ -150,8 +155,12 @@ def default_block_sizes(variant: str, m: int, k: int, n: int, bits: int) -> Bloc
     block_k = max(v, min(units * v, 512, _next_pow2(k)))
   elif variant == "gemm":
     block_m = min(64, max(16, _next_pow2(m)))
-    block_n = min(128, max(16, _next_pow2(n)))
-    block_k = max(16 * v, min(32 * v, 1024, _next_pow2(k)))
+    block_k = max(16 * v, min(256, _next_pow2(k)))
+    # The decoded weight tile (block_k × block_n in the activations' dtype) is staged in shared
+    # memory for the dot: at most _GEMM_TILE_BYTES keeps a program inside the 227 KiB of an
+    # H100/H200 SM (on an H200, a 256 KiB tile asked for 562 KiB, a 128 KiB one for 228 KiB).
+    tile_n = _GEMM_TILE_BYTES // (block_k * jnp.dtype(dtype).itemsize)
+    block_n = max(16, min(128, _next_pow2(n), tile_n))
   else:
     raise ValueError(f"{variant=} must be one of {VARIANTS}")
   tiles = pl.cdiv(m, block_m) * pl.cdiv(n, block_n)
@@ -271,7 +280,9 @@ def _qmatmul_kernel(x_ref, codes_ref, scales_ref, table_ref, o_ref, *, variant, 
           partial = term if partial is None else partial + term
         else:
           w_p = (values * unit_scale).astype(x_p.dtype)
-          acc = acc + jnp.dot(x_p, w_p, preferred_element_type=jnp.float32)
+          # HIGHEST: float32 activations get an IEEE float32 dot, not Triton's default TF32.
+          acc = acc + jnp.dot(x_p, w_p, precision=lax.Precision.HIGHEST,
+                              preferred_element_type=jnp.float32)
     if variant == "gemv":  # scale once per unit; reduce over units after the loop
       acc = acc + partial * unit_scale[None]
     return acc
@@ -357,7 +368,7 @@ def qmatmul_pallas_gpu(x: jax.Array, codes: jax.Array, scales: jax.Array, codebo
     codebook: float32 [2**bits], the format's values padded to 2**bits entries.
     bits: bits per code, 1..8.
     block_size: K rows per scale: a power of two ≥ 32 dividing Kp.
-    block_sizes: tiling; default `default_block_sizes(variant, M, Kp, N, bits)`.
+    block_sizes: tiling; default `default_block_sizes(variant, M, Kp, N, bits, x.dtype)`.
     variant: ``"gemv"`` or ``"gemm"``; default GEMV for M ≤ `GEMV_MAX_M`, else GEMM.
     interpret: run the kernel in Pallas interpret mode (any backend; slow).
 
@@ -376,7 +387,8 @@ def qmatmul_pallas_gpu(x: jax.Array, codes: jax.Array, scales: jax.Array, codebo
     variant = "gemv" if m <= GEMV_MAX_M else "gemm"
   elif variant not in VARIANTS:
     raise ValueError(f"{variant=} must be one of {VARIANTS} or None")
-  sizes = (default_block_sizes(variant, m, kp, n, bits) if block_sizes is None else block_sizes)
+  sizes = (default_block_sizes(variant, m, kp, n, bits, x.dtype) if block_sizes is None
+           else block_sizes)
   _validate_block_sizes(sizes, variant, bits)
   v, u = _unit(bits)
   trips = pl.cdiv(pl.cdiv(kp, sizes.block_k), sizes.split_k)
