@@ -15,7 +15,7 @@ from jaxquant.qarray import GRANULARITIES, QuantSpec, dequantise, quantise
 DF_GRID = tuple(float(f"{v:.3g}") for v in np.geomspace(3.0, 100.0, 12))
 
 
-def fit_crd_t(x, bits: int, *, scaling: str = "absmax", block_size: int = 64,
+def fit_crd_t(x, bits: int, *, scaling: str = "absmax", block_size: int | str = 64,
               symmetric: bool | None = None, axis: int = -1, scale_dtype=None,
               grid=DF_GRID) -> Format:
   """The CRD Student-t format whose ν (from `grid`) gives the lowest error R on `x`.
@@ -25,7 +25,9 @@ def fit_crd_t(x, bits: int, *, scaling: str = "absmax", block_size: int = 64,
 
   Args:
     x: the tensor to fit.
-    bits, scaling, block_size, symmetric: as for `crd_format`.
+    bits, scaling, symmetric: as for `crd_format`.
+    block_size: as for `QuantSpec` (an int, ``"channel"`` or ``"tensor"``); the error is
+      measured with it, and absmax/signmax formats are designed for it.
     axis, scale_dtype: as for `QuantSpec`; the error is measured with these.
     grid: candidate ν values (each > 2).
 
@@ -35,7 +37,7 @@ def fit_crd_t(x, bits: int, *, scaling: str = "absmax", block_size: int = 64,
   best, best_error = None, np.inf
   for df in grid:
     fmt = crd_format("t", bits, scaling=scaling, block_size=block_size, symmetric=symmetric, df=df)
-    spec = QuantSpec(fmt, axis=axis, scale_dtype=scale_dtype)
+    spec = QuantSpec(fmt, block_size=block_size, axis=axis, scale_dtype=scale_dtype)
     error = float(metrics.relative_rmse(x, dequantise(quantise(x, spec), jnp.float32)))
     if error < best_error:
       best, best_error = fmt, error

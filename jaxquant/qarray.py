@@ -318,12 +318,16 @@ def dequantise(q: QuantisedArray, dtype=None) -> jax.Array:
   """The array a `QuantisedArray` represents: codebook[code] · scale, in `dtype`.
 
   Args:
-    q: the quantised array.
+    q: the quantised array, or a container built on one that dequantises itself (e.g.
+      `jaxquant.outliers.OutlierQuantisedArray`).
     dtype: output dtype; default the dtype `q` was quantised from.
 
   Returns:
     An array of shape `q.shape`.
   """
+  if not isinstance(q, QuantisedArray):
+    # Calling the container's own method keeps this module free of imports of its containers.
+    return q.dequantise(dtype)
   axis, n = q.axis, q.shape[q.axis]
   codes = packing.unpack(q.codes, q.bits, axis)
   codes = jax.lax.slice_in_dim(codes, 0, q.n_blocks * q.block_size, axis=axis)

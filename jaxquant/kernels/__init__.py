@@ -23,6 +23,7 @@ import numpy as np
 from jaxquant import scaling
 from jaxquant.kernels import reference, xla
 from jaxquant.kernels.lookup import padded_codebook
+from jaxquant.outliers import OutlierQuantisedArray
 from jaxquant.qarray import QuantisedArray, dequantise
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
@@ -34,17 +35,22 @@ ACTIVATION_DTYPES = ("float32", "bfloat16")
 AUTO_PALLAS_MAX_M = {"gpu": 8, "tpu": 64}
 
 
-def qmatmul(x: jax.Array, q: QuantisedArray, *, backend: str = "auto") -> jax.Array:
+def qmatmul(x: jax.Array, q: QuantisedArray | OutlierQuantisedArray, *,
+            backend: str = "auto") -> jax.Array:
   """x[..., K] @ W[K, N] for a weight quantised with blocks along K (``axis=0``).
 
   Differentiable with respect to `x` (a custom VJP computes g @ Wᵀ chunk by chunk from the
   packed weight, so no float copy of W is kept for the backward pass). The quantised weight
   is a constant: its gradient is zero (train float master weights with `fake_quantise`).
 
+  With sparse outliers (Orr et al. 2025, §4 item 9), W = dequantise(dense) + S and the dense
+  product (by `backend`) gets the sparse correction (x S)[m, n] = Σ_{j: n_j = n} x[m, k_j] v_j,
+  (k_j, n_j) = divmod(indices_j, N), added in float32: O(M · n_outliers) work, no dense S.
+
   Args:
     x: activations, float32 or bfloat16, last axis K = q.shape[0].
     q: a 2-D `QuantisedArray` quantised along axis 0 (any format of 1–8 bits, any scaling
-      and scale storage).
+      and scale storage), or an `OutlierQuantisedArray` whose dense part is one.
     backend: one of ``"auto"``, ``"reference"``, ``"xla"``, ``"pallas"``.
 
   Returns:
@@ -61,8 +67,12 @@ def qmatmul(x: jax.Array, q: QuantisedArray, *, backend: str = "auto") -> jax.Ar
   """
   if backend not in BACKENDS:
     raise ValueError(f"{backend=} is not one of {BACKENDS}")
+  outliers = None
+  if isinstance(q, OutlierQuantisedArray):
+    q, outliers = q.dense, q
   if not isinstance(q, QuantisedArray):
-    raise TypeError(f"q must be a QuantisedArray, got {type(q).__name__}")
+    raise TypeError(
+        f"q must be a QuantisedArray or an OutlierQuantisedArray, got {type(q).__name__}")
   if q.ndim != 2 or q.axis != 0:
     raise ValueError(
         f"q must be a 2-D weight [K, N] quantised along axis 0 (the contraction axis); got "
@@ -72,8 +82,18 @@ def qmatmul(x: jax.Array, q: QuantisedArray, *, backend: str = "auto") -> jax.Ar
     raise TypeError(f"x has dtype {jnp.dtype(x.dtype).name}; qmatmul takes {ACTIVATION_DTYPES}")
   if x.ndim < 1 or x.shape[-1] != q.shape[0]:
     raise ValueError(f"x has shape {x.shape}; its last axis must be K = {q.shape[0]}")
-  y = _qmatmul(x.reshape(-1, q.shape[0]), q, backend)
+  rows = x.reshape(-1, q.shape[0])
+  y = _qmatmul(rows, q, backend)
+  if outliers is not None:
+    y = (y.astype(jnp.float32) + _sparse_correction(rows, outliers)).astype(x.dtype)
   return y.reshape(x.shape[:-1] + (q.shape[1],))
+
+
+def _sparse_correction(x: jax.Array, q: OutlierQuantisedArray) -> jax.Array:
+  """x[M, K] @ S[K, N] in float32 for the outliers S of `q`, scattered by output column."""
+  k, n = jnp.divmod(q.indices, q.shape[1])
+  products = x[:, k].astype(jnp.float32) * q.values.astype(jnp.float32)[None, :]
+  return jnp.zeros((x.shape[0], q.shape[1]), jnp.float32).at[:, n].add(products)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
