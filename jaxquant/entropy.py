@@ -6,25 +6,35 @@ b ≈ h(X) - log2 Δ bits per element for a mean squared error Δ²/12, so for u
 R·2^b → 2^h/√12: √(πe/6) ≈ 1.193 for a Normal, e/√6 ≈ 1.110 for a Laplace and ≈ 1.138 for a
 Student-t with ν = 5, against 1.649, 2.121 and 2.565 for the best fixed-length codebooks.
 
-This is storage, not the hot path: everything here runs in numpy on host arrays.
+`compress` Huffman-codes the codes of any `QuantisedArray` into an `EntropyCodedArray`, whose
+`decompress` gives the fixed-length `QuantisedArray` back, bit for bit, for `qmatmul`; `fit_grid`
+finds the grid (per tensor or per block) that meets a bits-per-element target.
+
+This is storage, not the hot path: the coding runs in numpy on host arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
+import types
+from collections.abc import Mapping
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import packing
+from jaxquant import scaling as scaling_lib
 from jaxquant.formats import Format, lut_format, uniform_grid
-from jaxquant.qarray import QuantisedArray, QuantSpec
+from jaxquant.qarray import QuantisedArray, QuantSpec, nearest_codes, quantise
 
 # Code lengths are stored as 5-bit fields, so no codeword may be longer than 31 bits.
 LENGTH_FIELD_BITS = 5
 MAX_CODE_LENGTH = 2**LENGTH_FIELD_BITS - 1
-# A per-tensor grid has at most 255 points: odd (zero exact) and within the 256-code limit.
+# A grid has at most 255 points: odd (zero exact) and within the 256-code limit.
 MAX_HALF_N = 127
 _FIT_SCALINGS = ("rms", "absmax")
 
@@ -221,37 +231,224 @@ class HuffmanCode:
     return order[rank_at[starts]].astype(np.int64)
 
 
-def _scale_bits(q: QuantisedArray) -> int:
-  """Bits stored for the scales and any second-level scales."""
-  leaves = (q.scales, q.scale_scales)
+def _scale_bits(scales, scale_scales) -> int:
+  """Bits stored for the scales and any second-level scales (None: there are none)."""
+  leaves = (scales, scale_scales)
   return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize * 8 for leaf in leaves if leaf is not None)
 
 
-def coded_size(q: QuantisedArray) -> dict:
-  """Bits per element of a per-tensor-scaled array under three codings of its codes.
+def _ideal_bits_per_param(codes: np.ndarray, n_symbols: int, scale_bits: int) -> float:
+  """(-Σ log2 p̂(cᵢ) + S)/N: the ideal coder's rate for N codes stored with S bits of scales."""
+  return (ideal_bits(codes, n_symbols) + scale_bits) / codes.size
 
-  With N elements, S the scale bits and c the codes: ideal = (-Σ log2 p̂(cᵢ) + S)/N with the
-  +1-smoothed histogram p̂ (`ideal_bits`); Huffman = (8·⌈Σ length(cᵢ)/8⌉ + table + S)/N for the
-  Huffman code of the histogram (`HuffmanCode`); fixed = the packed storage, `q.bits_per_param`.
+
+def _padded_length(n: int, block_size: int) -> int:
+  """Codes `quantise` packs along an axis of length n: whole blocks, then whole 32-code groups."""
+  blocks = -(-n // block_size) * block_size
+  return blocks + -blocks % packing.GROUP
+
+
+# One compiled unpacking per shape and bit width (op by op, each new shape costs far more).
+_unpack = jax.jit(packing.unpack, static_argnums=(1, 2))
+
+
+def _logical_codes(q: QuantisedArray) -> np.ndarray:
+  """The codes of `q` unpacked (int64, shape `q.shape`): the padding along `q.axis` dropped."""
+  codes = np.asarray(_unpack(q.codes, q.bits, q.axis))
+  return np.take(codes, np.arange(q.shape[q.axis]), axis=q.axis).astype(np.int64)
+
+
+def _packed_words(codes: np.ndarray, codebook, axis: int, block_size: int, bits: int) -> jax.Array:
+  """The uint32 words `quantise` stores for the logical `codes` (the inverse of `_logical_codes`).
+
+  Along `axis`, the zero padding of the last block is rounded like any element, to the code
+  nearest 0 (0/s is ±0 for every scale s); the codes are then zero-padded to whole groups of
+  32 and packed (`jaxquant.packing`).
+  """
+  n = codes.shape[axis]
+  blocks = -(-n // block_size) * block_size
+  zero_code = int(nearest_codes(jnp.zeros((), jnp.float32), jnp.asarray(codebook, jnp.float32)))
+  pad = [(0, 0)] * codes.ndim
+  pad[axis] = (0, blocks - n)
+  codes = np.pad(codes, pad, constant_values=zero_code)
+  pad[axis] = (0, _padded_length(n, block_size) - blocks)
+  return packing.pack(jnp.asarray(np.pad(codes, pad), jnp.uint32), bits, axis)
+
+
+# The array leaves of a `QuantisedArray`; its other fields are static metadata.
+_ARRAY_FIELDS = ("codes", "scales", "codebook", "scale_scales")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EntropyCodedArray:
+  """A `QuantisedArray` whose codes are Huffman-coded: compressed host storage.
+
+  Orr et al. 2025 (§1; the `CompressedLUTFormat`): variable-length codes for the grid indices
+  beat fixed-length ones. The codes, unpacked in logical order (C order over `shape`, the
+  padding along `axis` excluded), are Huffman-coded with the code of their own histogram
+  (`HuffmanCode.from_counts`); scales, second-level scales and codebook are kept as stored.
+  `decompress` rebuilds the packed, fixed-length `QuantisedArray` bit for bit, for `qmatmul`:
+  compressed storage and fast inference coexist.
+
+  Storage: 8·len(payload) + `LENGTH_FIELD_BITS`·n_symbols (the code table) + scale bits
+  (+ second-level scale bits). The codebook is not counted, as in
+  `QuantisedArray.storage_bits`.
+
+  Attributes:
+    payload: the codewords of the codes, MSB-first, zero-padded to whole bytes.
+    code: the `HuffmanCode` over the codebook's symbols.
+    scales: the stored scales (numpy, their storage dtype).
+    scale_scales: the stored second-level scales, or None.
+    codebook: the float32 codebook.
+    metadata: the `QuantisedArray`'s static fields (shape, dtype, axis, block_size, bits,
+      scaling, granularity, format_name, layout, layout_version), read-only.
+  """
+
+  payload: bytes
+  code: HuffmanCode
+  scales: np.ndarray
+  scale_scales: np.ndarray | None
+  codebook: np.ndarray
+  metadata: Mapping[str, Any]
+
+  def __post_init__(self):
+    for name in ("scales", "scale_scales", "codebook"):
+      leaf = getattr(self, name)
+      if leaf is not None:
+        leaf = np.array(leaf)  # a private copy, frozen like the dataclass
+        leaf.setflags(write=False)
+        object.__setattr__(self, name, leaf)
+    object.__setattr__(self, "payload", bytes(self.payload))
+    object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.metadata["shape"]
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def scale_bits(self) -> int:
+    """Bits of the stored scales and second-level scales, as in `QuantisedArray.storage_bits`."""
+    return _scale_bits(self.scales, self.scale_scales)
+
+  @property
+  def storage_bits(self) -> int:
+    """8·len(payload) + code table + scale bits (+ second level); the codebook is not counted."""
+    return 8 * len(self.payload) + self.code.table_bits + self.scale_bits
+
+  @property
+  def bits_per_param(self) -> float:
+    """Stored bits per logical element: `storage_bits` / size."""
+    return self.storage_bits / self.size
+
+  @property
+  def fixed_bits_per_param(self) -> float:
+    """`bits_per_param` of the decompressed `QuantisedArray`: its size in memory for `qmatmul`.
+
+    Packed b-bit codes, ⌈whole blocks / 32⌉·b words per slice along `axis`, plus the scales.
+    """
+    n = self.shape[self.metadata["axis"]]
+    padded = _padded_length(n, self.metadata["block_size"])
+    words = self.size // n * packing.packed_length(padded, self.metadata["bits"])
+    return (32 * words + self.scale_bits) / self.size
+
+  @property
+  def ideal_bits_per_param(self) -> float:
+    """(-Σ log2 p̂(cᵢ) + S)/N: the ideal coder's rate with the same scales (decodes the codes)."""
+    return _ideal_bits_per_param(self._codes(), self.codebook.size, self.scale_bits)
+
+  def _codes(self) -> np.ndarray:
+    return self.code.decode(self.payload, self.size).reshape(self.shape)
+
+  def decompress(self) -> QuantisedArray:
+    """The `QuantisedArray` that was compressed, bit for bit (codes, scales, codebook, metadata)."""
+    meta = self.metadata
+    words = _packed_words(self._codes(), self.codebook, meta["axis"], meta["block_size"],
+                          meta["bits"])
+    scale_scales = None if self.scale_scales is None else jnp.asarray(self.scale_scales)
+    return QuantisedArray(codes=words, scales=jnp.asarray(self.scales),
+                          codebook=jnp.asarray(self.codebook), scale_scales=scale_scales, **meta)
+
+  def __repr__(self):
+    meta = self.metadata
+    blocks = (meta["granularity"] if meta["granularity"] != "block"
+              else f"block_size={meta['block_size']}")
+    return (f"EntropyCodedArray(shape={self.shape}, format={meta['format_name']!r}, {blocks}, "
+            f"axis={meta['axis']}, bits_per_param={self.bits_per_param:.4f}, "
+            f"fixed_bits_per_param={self.fixed_bits_per_param:.4f})")
+
+
+def _compress(q: QuantisedArray) -> tuple[EntropyCodedArray, np.ndarray]:
+  """`compress(q)` and the logical codes it encodes."""
+  if not isinstance(q, QuantisedArray):
+    raise TypeError(f"q must be a QuantisedArray, got {type(q).__name__}")
+  codes = _logical_codes(q)
+  rebuilt = _packed_words(codes, q.codebook, q.axis, q.block_size, q.bits)
+  if not np.array_equal(np.asarray(rebuilt), np.asarray(q.codes)):
+    raise ValueError("q.codes holds padding codes other than those quantise writes, so q "
+                     "cannot be rebuilt exactly from its logical codes")
+  code = HuffmanCode.from_counts(np.bincount(codes.reshape(-1), minlength=q.codebook.shape[0]))
+  metadata = {field.name: getattr(q, field.name) for field in dataclasses.fields(q)
+              if field.name not in _ARRAY_FIELDS}
+  scale_scales = None if q.scale_scales is None else np.asarray(q.scale_scales)
+  compressed = EntropyCodedArray(code.encode(codes), code, np.asarray(q.scales), scale_scales,
+                                 np.asarray(q.codebook), metadata)
+  return compressed, codes
+
+
+def compress(q: QuantisedArray) -> EntropyCodedArray:
+  """Huffman-codes the codes of a `QuantisedArray` (any granularity and axis).
+
+  Orr et al. 2025 (§1): with the Huffman code of their histogram p, the N codes cᵢ cost
+  Σᵢ length(cᵢ) < -Σᵢ log2 p(cᵢ) + N bits, their empirical entropy plus at most one bit per
+  element; see `EntropyCodedArray`.
 
   Args:
-    q: a `QuantisedArray` with `granularity == "tensor"`.
+    q: the quantised array, with concrete leaves.
+
+  Returns:
+    The `EntropyCodedArray`; its `decompress()` is bit-identical to `q`.
+
+  Raises:
+    TypeError: `q` is not a `QuantisedArray`.
+    ValueError: `q.codes` holds padding codes `quantise` would not write.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> w = jnp.linspace(-1.0, 1.0, 4096).reshape(64, 64) ** 3
+    >>> q = jq.quantise(w, jq.QuantSpec("int4", block_size=64))
+    >>> compressed = jq.entropy.compress(q)
+    >>> compressed.bits_per_param, compressed.fixed_bits_per_param
+    (3.23046875, 4.25)
+    >>> bool(jnp.all(compressed.decompress().codes == q.codes))
+    True
+  """
+  return _compress(q)[0]
+
+
+def coded_size(q: QuantisedArray) -> dict:
+  """Bits per element of a quantised array under three codings of its codes.
+
+  With N elements, S the scale bits as stored (second-level ones included) and c the codes:
+  ideal = (-Σ log2 p̂(cᵢ) + S)/N with the +1-smoothed histogram p̂ (`ideal_bits`; Orr et al.
+  2025, §1); Huffman = `compress(q).bits_per_param` = (8·⌈Σ length(cᵢ)/8⌉ + table + S)/N;
+  fixed = the packed storage, `q.bits_per_param`.
+
+  Args:
+    q: a `QuantisedArray` (any granularity and axis).
 
   Returns:
     ``{"ideal_bits_per_param", "huffman_bits_per_param", "fixed_bits_per_param"}``.
   """
-  if not isinstance(q, QuantisedArray) or q.granularity != "tensor":
-    raise ValueError("q must be a QuantisedArray with per-tensor scaling (block_size='tensor')")
-  codes = np.asarray(packing.unpack(q.codes, q.bits, q.axis))
-  codes = np.take(codes, np.arange(q.shape[q.axis]), axis=q.axis)
-  n_symbols = int(q.codebook.shape[0])
-  scale_bits = _scale_bits(q)
-  huffman = HuffmanCode.from_counts(np.bincount(codes.reshape(-1), minlength=n_symbols))
-  payload = 8 * -(-huffman.encoded_bits(codes) // 8)
+  compressed, codes = _compress(q)
   return {
-      "ideal_bits_per_param": (ideal_bits(codes, n_symbols) + scale_bits) / q.size,
-      "huffman_bits_per_param": (payload + huffman.table_bits + scale_bits) / q.size,
-      "fixed_bits_per_param": q.bits_per_param,
+      "ideal_bits_per_param": _ideal_bits_per_param(codes, compressed.codebook.size,
+                                                    compressed.scale_bits),
+      "huffman_bits_per_param": compressed.bits_per_param,
+      "fixed_bits_per_param": compressed.fixed_bits_per_param,
   }
 
 
@@ -263,45 +460,74 @@ def _grid_format(half_n: int, amax: float, scaling: str) -> Format:
   return lut_format(grid.values, grid.bits, scaling="rms")
 
 
-def fit_grid(x, bits_per_param: float, *, scaling: str = "rms") -> tuple[Format, QuantSpec]:
+def _scaled_absmax(x: jax.Array, spec: QuantSpec) -> float:
+  """max|x/s| over the tensor, s the scales `quantise(x, spec)` divides by, as stored.
+
+  Unlike `fitting.scaled_values`, s is rounded to `spec.scale_dtype` first, so a grid spanning
+  the result clips nothing. For a format whose scale reference is 1 (the rms grid's) and
+  scales without double quantisation; an all-zero block (s = 0) gives 0, as `quantise`
+  divides it by 1.
+  """
+  axis = spec.axis % x.ndim
+  n = x.shape[axis]
+  xb = scaling_lib.to_blocks(x, axis, spec.block_size if isinstance(spec.block_size, int) else n)
+  statistic = scaling_lib.block_statistic(xb, spec.scaling, axis, n, spec.block_size == "tensor")
+  stored = scaling_lib.encode_scales(statistic, spec.scale_dtype, double_quant=False,
+                                     signed=False)
+  scales = scaling_lib.decode_scales(*stored)
+  return float(jnp.max(jnp.abs(xb) / jnp.where(scales == 0, 1.0, scales)))
+
+
+def fit_grid(x, bits_per_param: float, *, scaling: str = "rms", block_size="tensor",
+             axis: int = -1, scale_dtype=None) -> tuple[Format, QuantSpec]:
   """The odd uniform grid whose entropy-coded size best meets `bits_per_param` from below.
 
-  The tensor is scaled per tensor, s = RMS(x) (or max|x| for ``"absmax"``), and the grid has
-  n = 2·half_n + 1 points (zero exact) spanning ±max|x/s|, so nothing is clipped and the step
-  is Δ = max|x/s| / half_n. The rate b(half_n) = (-Σ log2 p̂(cᵢ) + S)/N (ideal coder with the
-  +1-smoothed histogram, S = 32 bits for the float32 scale) grows with half_n; bisection over
-  half_n in 1..127 picks the largest with b(half_n) ≤ bits_per_param. The achieved rate is
-  `coded_size(quantise(x, spec))["ideal_bits_per_param"]`.
+  Orr et al. 2025 (§4 item 8, the `CompressedLUTFormat`). Each block (`block_size` elements
+  along `axis`, a channel, or the tensor) is scaled by its max|x| (``"absmax"``: the grid spans
+  ±1) or its RMS (``"rms"``: the grid spans ±max|x/s| over the whole tensor, so nothing is
+  clipped), and the grid has n = 2·half_n + 1 points (zero exact). The rate
+  b(half_n) = (-Σ log2 p̂(cᵢ) + S)/N (ideal coder with the +1-smoothed histogram, S the bits of
+  the stored scales: 32 for a float32 tensor scale, 16/B per element for bfloat16 block scales)
+  grows with half_n; bisection over half_n in 1..`MAX_HALF_N` picks the largest with
+  b(half_n) ≤ bits_per_param. The codes are those of `quantise(x, spec)`, so the achieved rate
+  is exactly `coded_size(quantise(x, spec))["ideal_bits_per_param"]`.
 
   Args:
     x: the tensor (any shape, finite, not all zero).
-    bits_per_param: target average bits per element (fractional allowed).
+    bits_per_param: target average bits per element, scales included (fractional allowed).
     scaling: ``"rms"`` or ``"absmax"``.
+    block_size: an int (blocks along `axis`), ``"channel"`` or ``"tensor"``.
+    axis: the axis blocks run along.
+    scale_dtype: how scales are stored; default float32 per tensor, else bfloat16.
 
   Returns:
-    (format, spec) with ``spec = QuantSpec(format, block_size="tensor", scaling=scaling,
-    scale_dtype="float32")``.
+    (format, spec) with ``spec = QuantSpec(format, block_size=block_size, scaling=scaling,
+    scale_dtype=scale_dtype, axis=axis)``.
 
   Raises:
-    ValueError: `bits_per_param` is below the rate of 3 points or above that of 255 points.
+    ValueError: `bits_per_param` is below the rate of 3 points or above that of 255 points,
+      or `x`, `scaling`, `block_size`, `axis` or `scale_dtype` is invalid.
   """
   if scaling not in _FIT_SCALINGS:
     raise ValueError(f"{scaling=} must be one of {_FIT_SCALINGS}")
-  y = np.asarray(x, np.float32).reshape(-1)
-  if y.size == 0 or not np.all(np.isfinite(y)) or not np.any(y):
+  x = jnp.asarray(np.asarray(x, np.float32))
+  if x.size == 0 or not bool(jnp.all(jnp.isfinite(x))) or not bool(jnp.any(x)):
     raise ValueError("x must be a non-empty finite array that is not all zero")
   bits_per_param = float(bits_per_param)
-  if scaling == "rms":
-    s = np.float32(np.sqrt(np.mean(np.square(y, dtype=np.float64))))
-  else:
-    s = np.float32(np.max(np.abs(y)))
-  y = y / s
-  amax = float(np.max(np.abs(y)))
+  scale_dtype = scale_dtype or ("float32" if block_size == "tensor" else "bfloat16")
+  probe = QuantSpec(_grid_format(1, 1.0, scaling), block_size=block_size, scaling=scaling,
+                    scale_dtype=scale_dtype, axis=axis)
+  if not -x.ndim <= axis < x.ndim:
+    raise ValueError(f"{axis=} is out of range for x of shape {tuple(x.shape)}")
+  amax = _scaled_absmax(x, probe) if scaling == "rms" else 1.0
+
+  def spec(half_n: int) -> QuantSpec:
+    return dataclasses.replace(probe, format=_grid_format(half_n, amax, scaling))
 
   def rate(half_n: int) -> float:
-    values = np.asarray(_grid_format(half_n, amax, scaling).values, np.float32)
-    codes = np.searchsorted((values[1:] + values[:-1]) / 2, y, side="left")
-    return (ideal_bits(codes, values.size) + 32) / y.size
+    q = quantise(x, spec(half_n))
+    return _ideal_bits_per_param(_logical_codes(q), 2 * half_n + 1,
+                                 _scale_bits(q.scales, q.scale_scales))
 
   low_rate, high_rate = rate(1), rate(MAX_HALF_N)
   if not low_rate <= bits_per_param <= high_rate:
@@ -317,5 +543,5 @@ def fit_grid(x, bits_per_param: float, *, scaling: str = "rms") -> tuple[Format,
       low = middle
     else:
       high = middle
-  fmt = _grid_format(low, amax, scaling)
-  return fmt, QuantSpec(fmt, block_size="tensor", scaling=scaling, scale_dtype="float32")
+  best = spec(low)
+  return best.format, best

@@ -1,5 +1,9 @@
-"""Entropy coding: ideal bits, canonical Huffman, and the entropy-coded uniform grid."""
+"""Entropy coding: ideal bits, canonical Huffman, the entropy-coded grid, compressed storage."""
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,14 +112,207 @@ def test_fit_grid_absmax_and_fractional_target():
   assert 3.2 <= bits <= 3.3
 
 
-@pytest.mark.parametrize("target", [0.1, 9.0])
-def test_fit_grid_unreachable_target(target):
+# Below 3 points, above 255 points, and below the 16/64 bits per element of bfloat16 scales.
+@pytest.mark.parametrize("target, block_size", [(0.1, "tensor"), (9.0, "tensor"), (0.24, 64)])
+def test_fit_grid_unreachable_target(target, block_size):
   x = np.random.default_rng(4).standard_normal(4096).astype(np.float32)
   with pytest.raises(ValueError, match="bits_per_param"):
-    entropy.fit_grid(x, target)
+    entropy.fit_grid(x, target, block_size=block_size)
 
 
-def test_coded_size_needs_per_tensor_scaling():
-  q = jq.quantise(np.ones((4, 64), np.float32), jq.QuantSpec("int4", block_size=64))
-  with pytest.raises(ValueError, match="q must be"):
-    entropy.coded_size(q)
+def test_fit_grid_rejects_bad_arguments():
+  x = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32)
+  with pytest.raises(ValueError, match="scaling"):
+    entropy.fit_grid(x, 3.0, scaling="signmax")
+  with pytest.raises(ValueError, match="axis"):
+    entropy.fit_grid(x, 3.0, axis=2)
+  with pytest.raises(ValueError, match="block_size"):
+    entropy.fit_grid(x, 3.0, block_size=0)
+  with pytest.raises(ValueError, match="x must be"):
+    entropy.fit_grid(np.zeros(8, np.float32), 3.0)
+
+
+def _student_t(shape, seed=7):
+  return np.random.default_rng(seed).standard_t(5, size=shape).astype(np.float32)
+
+
+def _logical_codes(q):
+  """The codes of `q` in its logical shape (reference: unpack, then drop the padding)."""
+  codes = np.asarray(jq.packing.unpack(q.codes, q.bits, q.axis))
+  return np.take(codes, np.arange(q.shape[q.axis]), axis=q.axis).astype(np.int64)
+
+
+def _scale_bits(q):
+  leaves = [q.scales] + ([] if q.scale_scales is None else [q.scale_scales])
+  return sum(8 * np.asarray(leaf).nbytes for leaf in leaves)
+
+
+def _ideal_rate(q):
+  """(-Σ log2 p̂(c) + scale bits)/N with p̂ the +1-smoothed histogram, computed directly."""
+  codes = _logical_codes(q).reshape(-1)
+  n_symbols = q.codebook.shape[0]
+  p = (np.bincount(codes, minlength=n_symbols) + 1) / (codes.size + n_symbols)
+  return (-np.sum(np.log2(p[codes])) + _scale_bits(q)) / codes.size
+
+
+def _assert_identical(a, b):
+  """Every leaf equal bit for bit (dtype and shape included), and every static field equal."""
+  for field in dataclasses.fields(jq.QuantisedArray):
+    left, right = getattr(a, field.name), getattr(b, field.name)
+    if isinstance(left, jax.Array) or isinstance(right, jax.Array):
+      left, right = np.asarray(left), np.asarray(right)
+      assert (left.dtype, left.shape) == (right.dtype, right.shape), field.name
+      same_width = np.dtype(f"u{left.dtype.itemsize}")
+      np.testing.assert_array_equal(left.view(same_width), right.view(same_width), field.name)
+    else:
+      assert left == right, field.name
+
+
+def _check_compressed(q):
+  """compress(q) decompresses to q bit for bit, and its sizes match independent counts."""
+  compressed = entropy.compress(q)
+  decoded = compressed.decompress()
+  _assert_identical(decoded, q)
+  np.testing.assert_array_equal(np.asarray(decoded.dequantise()), np.asarray(q.dequantise()))
+  # The Huffman payload in whole bytes + 5-bit code lengths + the scales as stored.
+  codes = _logical_codes(q).reshape(-1)
+  n_symbols = q.codebook.shape[0]
+  lengths = entropy.HuffmanCode.from_counts(np.bincount(codes, minlength=n_symbols)).lengths
+  expected = 8 * -(-int(np.sum(lengths[codes])) // 8) + 5 * n_symbols + _scale_bits(q)
+  assert compressed.scale_bits == _scale_bits(q)
+  assert compressed.storage_bits == expected
+  assert compressed.bits_per_param == expected / codes.size
+  assert compressed.fixed_bits_per_param == q.bits_per_param == decoded.bits_per_param
+  np.testing.assert_allclose(compressed.ideal_bits_per_param, _ideal_rate(q), rtol=1e-12)
+  size = entropy.coded_size(q)
+  assert size["huffman_bits_per_param"] == compressed.bits_per_param
+  assert size["fixed_bits_per_param"] == q.bits_per_param
+  np.testing.assert_allclose(size["ideal_bits_per_param"], _ideal_rate(q), rtol=1e-12)
+  assert f"bits_per_param={compressed.bits_per_param:.4f}" in repr(compressed)
+  assert f"fixed_bits_per_param={q.bits_per_param:.4f}" in repr(compressed)
+  return decoded
+
+
+# (shape, spec factory): every granularity; axes 0, -1 and a middle one; 2-, 3-, 4- and 8-bit
+# codes; odd grids and fixed formats; lengths along the axis that are not multiples of 32 or of
+# the block size; every scale storage, second-level scales included. More odd grids from
+# fit_grid (per block, rms and absmax) are checked with `_check_compressed` further down.
+_ROUND_TRIPS = {
+    "nf4-block64-axis0": ((100, 45), lambda x: jq.QuantSpec("nf4", block_size=64, axis=0)),
+    "int2-channel": ((9, 70), lambda x: jq.QuantSpec("int2", block_size="channel")),
+    "grid7-tensor-axis0": ((37, 20), lambda x: jq.QuantSpec(
+        jq.formats.uniform_grid(7), block_size="tensor", axis=0)),
+    "int8-double-quant-block16-axis0": ((50, 40), lambda x: jq.QuantSpec(
+        "int8", block_size=16, axis=0, double_quant=True)),
+    "int3-signmax-block48-axis1": ((3, 100, 7), lambda x: jq.QuantSpec(
+        "int3", block_size=48, scaling="signmax", axis=1)),
+    "nf4-e4m3-channel-axis0": ((70, 6), lambda x: jq.QuantSpec(
+        "nf4", block_size="channel", scale_dtype="float8_e4m3fn", axis=0)),
+    "nf4-e8m0-block32": ((5, 90), lambda x: jq.QuantSpec(
+        "nf4", block_size=32, scale_dtype="e8m0")),
+    "fit-grid-tensor-absmax": ((2**16,), lambda x: entropy.fit_grid(
+        x, 2.5, scaling="absmax")[1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ROUND_TRIPS))
+def test_compress_round_trip_and_sizes(name):
+  shape, make_spec = _ROUND_TRIPS[name]
+  x = _student_t(shape)
+  _check_compressed(jq.quantise(x, make_spec(x)))
+
+
+def test_compress_rejects_foreign_padding_and_non_arrays():
+  x = _student_t((100, 45))
+  q = jq.quantise(x, jq.QuantSpec("nf4", block_size=64, axis=0))
+  # Rows 100..127 are padding: the last word row holds only padding codes.
+  tampered = dataclasses.replace(q, codes=q.codes.at[-1].set(jnp.uint32(0xFFFFFFFF)))
+  np.testing.assert_array_equal(np.asarray(tampered.dequantise()), np.asarray(q.dequantise()))
+  with pytest.raises(ValueError, match="padding"):
+    entropy.compress(tampered)
+  with pytest.raises(TypeError, match="q must be a QuantisedArray"):
+    entropy.compress(x)
+  with pytest.raises(TypeError, match="q must be a QuantisedArray"):
+    entropy.coded_size(x)
+
+
+def test_compressed_arrays_are_read_only():
+  q = jq.quantise(_student_t((4, 64)), jq.QuantSpec("nf4", block_size=32))
+  compressed = entropy.compress(q)
+  with pytest.raises(ValueError, match="read-only"):
+    compressed.scales[0, 0] = 0
+  with pytest.raises(TypeError):
+    compressed.metadata["axis"] = 0
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    compressed.payload = b""
+
+
+# A weight [K, N] with K = 200 (not a multiple of the block size 64), blocked along K.
+_WEIGHT_SHAPE = (200, 48)
+
+
+def _block_absmax_rate(x, half_n):
+  spec = jq.QuantSpec(jq.formats.uniform_grid(2 * half_n + 1), block_size=64,
+                      scaling="absmax", scale_dtype="bfloat16", axis=0)
+  return _ideal_rate(jq.quantise(x, spec))
+
+
+def test_fit_grid_block_absmax_is_the_largest_grid_under_target():
+  x = _student_t(_WEIGHT_SHAPE)
+  target = 3.3
+  fmt, spec = entropy.fit_grid(x, target, scaling="absmax", block_size=64, axis=0)
+  assert (spec.block_size, spec.scaling, spec.scale_dtype, spec.axis) == (
+      64, "absmax", "bfloat16", 0)
+  half_n = fmt.values.size // 2
+  assert fmt == jq.formats.uniform_grid(2 * half_n + 1)
+  # The rates count the bfloat16 block scales: 16 bits per 64 (or fewer) elements.
+  q = jq.quantise(x, spec)
+  assert _scale_bits(q) == 16 * 4 * 48
+  assert _block_absmax_rate(x, half_n) <= target < _block_absmax_rate(x, half_n + 1)
+  np.testing.assert_allclose(entropy.coded_size(q)["ideal_bits_per_param"],
+                             _block_absmax_rate(x, half_n), rtol=1e-12)
+
+
+def test_decompressed_array_runs_qmatmul():
+  w = _student_t(_WEIGHT_SHAPE)
+  _, spec = entropy.fit_grid(w, 3.5, scaling="absmax", block_size=64, axis=0)
+  q = jq.quantise(w, spec)
+  decoded = _check_compressed(q)
+  x = jnp.asarray(np.random.default_rng(8).standard_normal((3, 200)), jnp.float32)
+  y = jq.qmatmul(x, decoded)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(jq.qmatmul(x, q)))
+  expected = np.asarray(x, np.float64) @ np.asarray(decoded.dequantise(), np.float64)
+  np.testing.assert_allclose(np.asarray(y, np.float64), expected,
+                             atol=1e-5 * np.abs(expected).max())
+
+
+def test_fit_grid_block_rms_spans_the_scaled_tensor():
+  x = _student_t((40, 200))
+  fmt, spec = entropy.fit_grid(x, 3.5, scaling="rms", block_size=32)
+  assert spec.scale_dtype == "bfloat16" and spec.block_size == 32
+  # max|x/s| with s the block RMS (over the real elements) rounded to bfloat16, in numpy.
+  blocks = np.pad(x, ((0, 0), (0, 24))).reshape(40, 7, 32)
+  counts = np.minimum(32, 200 - 32 * np.arange(7))
+  rms = np.sqrt(np.sum(np.square(blocks), axis=-1) / counts).astype(np.float32)
+  stored = rms.astype(jnp.bfloat16).astype(np.float32)
+  np.testing.assert_allclose(fmt.values[-1], np.max(np.abs(blocks) / stored[..., None]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.diff(fmt.values), fmt.values[-1] / (fmt.values.size // 2),
+                             rtol=1e-9)
+  q = jq.quantise(x, spec)
+  assert 3.3 < _ideal_rate(q) <= 3.5
+  _check_compressed(q)
+
+
+def test_block_absmax_entropy_grid_beats_int4_and_huffman_meets_ideal():
+  x = _student_t((1024, 1024))
+  int4 = jq.quantise(x, jq.QuantSpec(jq.formats.int_format(4), block_size=64, scaling="absmax"))
+  _, spec = entropy.fit_grid(x, int4.bits_per_param, scaling="absmax", block_size=64)
+  q = jq.quantise(x, spec)
+  size = entropy.coded_size(q)
+  ideal, huffman = size["ideal_bits_per_param"], size["huffman_bits_per_param"]
+  np.testing.assert_allclose(ideal, _ideal_rate(q), rtol=1e-12)
+  assert ideal <= huffman <= 1.01 * ideal
+  assert huffman <= int4.bits_per_param
+  error = float(jq.metrics.relative_rmse(x, q.dequantise()))
+  assert error < float(jq.metrics.relative_rmse(x, int4.dequantise()))
