@@ -9,6 +9,7 @@ from jaxquant import entropy as entropy
 from jaxquant import fitting as fitting
 from jaxquant import formats as formats
 from jaxquant import metrics as metrics
+from jaxquant import outliers as outliers
 from jaxquant import packing as packing
 from jaxquant import scaling as scaling
 from jaxquant.kernels import qmatmul as qmatmul
@@ -36,5 +37,6 @@ __version__ = "0.1.0"
 __all__ = [
     "QuantSpec", "QuantisedArray", "Rule", "dequantise", "distributions", "entropy",
     "fake_quantise",
-    "fitting", "formats", "metrics", "packing", "qat_matmul", "qmatmul", "quantise", "scaling",
+    "fitting", "formats", "metrics", "outliers", "packing", "qat_matmul", "qmatmul", "quantise",
+    "scaling",
 ]

@@ -2,6 +2,8 @@
 
     jaxquant report                        # MiniLM, standard formats, 3 and 4 bits, B=64
     jaxquant report --model smollm2 --bits 4 --formats nf4 crd-t lloyd-max-signmax
+    jaxquant report --model smollm2 --bits 3.5 4 --formats crd-t grid-ideal \
+        --allocate flat fisher heuristic
     python -m jaxquant report --quick --out /tmp/report
 """
 
@@ -35,9 +37,17 @@ def _parser() -> argparse.ArgumentParser:
   report.add_argument("--formats", nargs="+", metavar="NAME",
                       help="standard families (int-absmax, int-signmax, e2m1, nf4, sf4, "
                       "crd-normal, crd-laplace, crd-t, crd-t-signmax, lloyd-max, "
-                      "lloyd-max-signmax) or format names such as crd-t7-signmax-4b")
-  report.add_argument("--bits", type=int, nargs="+", default=[3, 4], metavar="B",
-                      help="code widths, 2..8 (default: 3 4)")
+                      "lloyd-max-signmax), variable-length ones (grid-ideal, grid-huffman, "
+                      "crd-t-outliers) or format names such as crd-t7-signmax-4b; default: "
+                      "the standard families, and for smollm2 the variable-length ones too")
+  report.add_argument("--bits", type=float, nargs="+", default=[3, 4], metavar="B",
+                      help="average element bits, 2..8, fractional allowed (default: 3 4); "
+                      "fixed-length formats give each layer whole bits that meet the average")
+  report.add_argument("--allocate", nargs="+", choices=("flat", "heuristic", "fisher"),
+                      default=["flat"], metavar="METHOD",
+                      help="bit allocation across layers: flat (default), heuristic (+2 bits "
+                      "for the first and last two layers) or fisher (smollm2 only: "
+                      "log2 RMS + ½ log2 mean Fisher per layer); several compare them")
   report.add_argument("--block-size", type=int, default=64, metavar="B",
                       help="block size along the input axis (default 64)")
   report.add_argument("--out", type=pathlib.Path, default=pathlib.Path("jaxquant-report"),
@@ -51,7 +61,9 @@ def _check(args, parser):
   """Validates what argparse cannot, before any model is loaded."""
   from jaxquant.eval import report  # pylint: disable=import-outside-toplevel
   if any(not 2 <= bits <= 8 for bits in args.bits):
-    parser.error(f"--bits {' '.join(map(str, args.bits))}: each must be in 2..8")
+    parser.error(f"--bits {' '.join(f'{bits:g}' for bits in args.bits)}: each must be in 2..8")
+  if "fisher" in args.allocate and args.model != "smollm2":
+    parser.error(f"--allocate fisher needs a language model (--model smollm2), not {args.model}")
   if args.block_size < 1:
     parser.error(f"--block-size {args.block_size}: must be a positive int")
   for name in args.formats or ():
@@ -82,11 +94,13 @@ def main(argv=None) -> int:
   except tasks.ModelMissing as error:
     parser.exit(2, f"jaxquant: error: {error}\n")
   names = args.formats or (report.QUICK if args.quick else report.STANDARD)
+  if not args.formats and args.model == "smollm2":
+    names = names + report.VARIABLE
   start = time.perf_counter()
   rows = _run_with_progress(report, task, names, args)
   print(report.render(task, rows))
   written = report.write_outputs(task, rows, args.out, dict(
-      bits=args.bits, block_size=args.block_size, quick=args.quick,
+      bits=args.bits, block_size=args.block_size, quick=args.quick, allocate=args.allocate,
       seconds=time.perf_counter() - start))
   print(f"wrote {', '.join(written)} to {os.fspath(args.out)} "
         f"in {time.perf_counter() - start:.0f} s")
@@ -97,11 +111,12 @@ def _run_with_progress(report, task, names, args):
   """Runs the report under a rich progress bar over layers × formats × bit widths."""
   from rich.progress import Progress  # pylint: disable=import-outside-toplevel
   layers = len(report.layer_paths(task))
-  total = layers * len(names) * len(args.bits)
+  total = layers * len(names) * len(args.bits) * len(args.allocate)
   with Progress(transient=True) as progress:
     bar = progress.add_task(f"{task.name}", total=total)
     advance = lambda text: progress.update(bar, advance=1, description=text[:60])
-    return report.run_report(task, names, args.bits, args.block_size, progress=advance)
+    return report.run_report(task, names, args.bits, args.block_size, args.allocate,
+                             progress=advance)
 
 
 if __name__ == "__main__":

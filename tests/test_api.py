@@ -10,7 +10,8 @@ CONTRACT = ["formats.nf4", "formats.sf4", "formats.int_format", "formats.fp_form
             "dequantise", "QuantisedArray", "qmatmul", "metrics.relative_rmse", "Rule",
             "fake_quantise", "nnx.QLinear", "nnx.QEinsum", "nnx.QEmbed", "nnx.quantise_model",
             "linen.QDense", "linen.QDenseGeneral", "linen.quantise_params",
-            "checkpoint.save", "checkpoint.restore"]
+            "checkpoint.save", "checkpoint.restore", "entropy.fit_grid", "entropy.compress",
+            "outliers.quantise_with_outliers"]
 
 
 def test_contract_names_exist_and_are_documented():

@@ -22,7 +22,9 @@ def run(argv, capsys):
     (["report", "--block-size", "0"], "--block-size 0"),
     (["report", "--model", "gpt2"], "invalid choice: 'gpt2'"),
     (["report", "--out", "/proc/jaxquant-report"], "--out /proc/jaxquant-report: cannot write"),
-    (["--bits", "x"], "invalid int value: 'x'"),
+    (["--bits", "x"], "invalid float value: 'x'"),
+    (["report", "--allocate", "fisher"], "--allocate fisher needs a language model"),
+    (["report", "--allocate", "greedy"], "invalid choice: 'greedy'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
   code, out, err = run(argv, capsys)

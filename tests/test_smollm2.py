@@ -218,6 +218,12 @@ def test_evaluation_tokens_are_fixed_english_sequences_with_bos(real, eval_ids):
   assert text.evaluation_tokens(tokenizer, n_tokens=4096, seq_len=512).shape == (8, 512)
   with pytest.raises(ValueError, match="text tokens"):
     text.evaluation_tokens(tokenizer, n_tokens=100_000)
+  # Calibration sequences come from the end of the same text: same form, no shared tokens.
+  calibration = text.calibration_tokens(tokenizer, n_tokens=4096)
+  body = tokenizer.encode(text.evaluation_text(), add_special_tokens=False).ids
+  assert calibration.shape == (16, 256) and np.all(calibration[:, 0] == 1)
+  assert calibration[-1, 1:].tolist() == body[-255:]
+  assert len(body) >= eval_ids[:, 1:].size + calibration[:, 1:].size  # disjoint ranges
 
 
 def test_completes_the_capital_of_france(real):

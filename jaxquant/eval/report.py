@@ -1,14 +1,22 @@
 """The format report: every standard format on a real model, at each bit width.
 
-For each format and bit width the float model's selected Linear layers are quantised through
-`jaxquant.nnx.quantise_model` (formats fitted per tensor where the format is fitted: the
-Student-t ν of CRD-t, Lloyd–Max codebooks), and the report records
+For each format, bit width and bit allocation the float model's selected Linear layers are
+quantised (formats fitted per tensor where the format is fitted: the Student-t ν of CRD-t,
+Lloyd–Max codebooks, the step of an entropy-coded grid), and the report records
 
-- bits per parameter, codes plus scales, over the quantised layers;
+- bits per parameter over the quantised layers: codes plus scales for fixed-length formats;
+  the coded size (ideal coder or Huffman code, with scales and code table) for entropy-coded
+  grids; the dense part plus 48 bits per outlier for sparse outliers;
 - the mean weight error R = ‖ŵ − w‖/‖w‖, averaged over layers weighted by their size;
 - the model metric (MiniLM: 1 − cosine between float and quantised sentence embeddings;
   SmolLM2: top-128 next-token KL to the float model, in nats);
-- the on-device bytes of the packed weights.
+- the on-device bytes of the weights as held for inference (`on_device_size_in_bytes`).
+
+Fixed-length families run through `jaxquant.nnx.quantise_model` (QLinear, `qmatmul`).
+Variable-length ones (Orr et al. 2025, §4 items 8–9) hold each weight as a decoded
+`QuantisedArray`, plus the sparse outliers where there are any, and the model runs on their
+reconstruction. A bit allocation (`flat`, `heuristic` or `fisher`, Orr et al. 2025 §5) gives
+each layer its own element bits around the requested average (`jaxquant.eval.allocation`).
 """
 
 from __future__ import annotations
@@ -20,23 +28,45 @@ import pathlib
 import re
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import jaxquant as jq
+from jaxquant import entropy, outliers
 from jaxquant import formats as formats_lib
+from jaxquant.eval import allocation
 
 STANDARD = ("int-absmax", "int-signmax", "e2m1", "nf4", "sf4", "crd-normal", "crd-laplace",
             "crd-t", "crd-t-signmax", "lloyd-max", "lloyd-max-signmax")
 QUICK = ("int-absmax", "nf4", "crd-t", "crd-t-signmax", "lloyd-max-signmax")
+VARIABLE = ("grid-ideal", "grid-huffman", "crd-t-outliers")
+ALLOCATIONS = ("flat", "heuristic", "fisher")
+OUTLIER_FRACTION = 2.0**-10
+
+
+class Stored(NamedTuple):
+  """One weight as a variable-length family stores it."""
+  reconstruction: jax.Array  # ŵ, float32
+  storage_bits: float  # the stored size (coded codes, scales, tables, outliers)
+  device_bytes: int  # what inference holds: the decoded QuantisedArray (+ outliers)
 
 
 @dataclasses.dataclass(frozen=True)
 class FormatChoice:
-  """A format family of the report: how to build its spec for one weight (kernel [in, out])."""
+  """A format family of the report: how to store one weight (kernel [in, out]) at some bits.
+
+  Fixed-length families give `spec_for(w, bits, B) -> QuantSpec | None` (None: no format at
+  that width); variable-length ones give `encode(w, bits, B) -> Stored`, with `integer_bits`
+  False where a tensor's bits may be fractional (the entropy-coded grid).
+  """
   label: str
-  spec_for: Callable[[jax.Array, int, int], jq.QuantSpec | None]  # (w, bits, B) -> spec
+  spec_for: Callable[[jax.Array, int, int], jq.QuantSpec | None] | None = None
+  encode: Callable[[jax.Array, float, int], Stored] | None = None
+  integer_bits: bool = True
 
 
 def _fixed(builder, scaling="absmax", only_bits=None):
@@ -89,6 +119,40 @@ CHOICES = {
 }
 
 
+def _device_bytes(tree) -> int:
+  return sum(leaf.on_device_size_in_bytes() for leaf in jax.tree.leaves(tree))
+
+
+def _entropy_grid(coder):
+  """Tensor RMS + an odd uniform grid whose ideal-coded rate meets the bits; `coder` sizes it."""
+  def encode(w, bits, block_size):
+    del block_size
+    _, spec = entropy.fit_grid(w, bits, scaling="rms")
+    q = jq.quantise(w, dataclasses.replace(spec, axis=0))
+    size = entropy.coded_size(q)[f"{coder}_bits_per_param"] * q.size
+    return Stored(q.dequantise(jnp.float32), size, _device_bytes(q))
+  return encode
+
+
+def _crd_t_outliers(w, bits, block_size):
+  """Tensor RMS CRD-t fitted on the tensor without its 2^-10 largest magnitudes, kept in bf16."""
+  del block_size
+  def spec_for(remainder):
+    fmt = jq.fitting.fit_crd_t(remainder, int(bits), scaling="rms", block_size="tensor", axis=0)
+    return jq.QuantSpec(fmt, block_size="tensor", axis=0)
+  oq = outliers.quantise_with_outliers(w, spec_for, OUTLIER_FRACTION)
+  return Stored(oq.dequantise(jnp.float32), oq.storage_bits, _device_bytes(oq))
+
+
+CHOICES.update({
+    "grid-ideal": FormatChoice("tensor RMS + ideal coding", encode=_entropy_grid("ideal"),
+                               integer_bits=False),
+    "grid-huffman": FormatChoice("tensor RMS + Huffman", encode=_entropy_grid("huffman"),
+                                 integer_bits=False),
+    "crd-t-outliers": FormatChoice("tensor RMS CRD-t + 0.1% outliers", encode=_crd_t_outliers),
+})
+
+
 def choice_for(name: str) -> FormatChoice:
   """A standard family by key, or any format name `jaxquant.formats.parse` accepts."""
   if name in CHOICES:
@@ -112,12 +176,14 @@ class Task:
   metric: str
   score: Callable[[nnx.Module], dict]
   note: str = ""
+  fisher: Callable[[], dict[str, float]] | None = None  # layer path -> mean diagonal Fisher
 
 
 @dataclasses.dataclass
 class Row:
   format: str
-  bits: int
+  allocation: str
+  bits: float  # the requested average element bits
   bits_per_param: float
   weight_r: float
   metric: float
@@ -141,52 +207,119 @@ def _kernels(model, pattern) -> dict[str, jax.Array]:
   return kernels
 
 
-def run_report(task: Task, format_names: Sequence[str], bits_list: Sequence[int],
-               block_size: int, progress=None) -> list[Row]:
-  """Quantises `task.model` with every format at every bit width; returns the table rows."""
+def bits_per_layer(task: Task, kernels: dict[str, jax.Array], method: str, average_bits: float,
+                   *, integer: bool) -> dict[str, float]:
+  """Element bits per layer for `method` in `ALLOCATIONS`, averaging `average_bits`.
+
+  flat: every layer the same (with whole bits, floors and ceilings that meet the average);
+  heuristic: 2 bits more for the first and last two layers than for the rest; fisher:
+  b_t = c + log2 RMS_t + ½ log2 f̄_t (Orr et al. 2025, §5). All within 2..8 bits.
+  """
+  paths = list(kernels)
+  if method == "flat":
+    offsets = {path: 0.0 for path in paths}
+  elif method == "heuristic":
+    offsets = allocation.heuristic_offsets(paths, allocation.boosted_layers(paths))
+  elif method == "fisher":
+    if task.fisher is None:
+      raise ValueError(f"allocation 'fisher' needs a language model; {task.name} has no Fisher")
+    rms = {path: float(jnp.sqrt(jnp.mean(jnp.square(w.astype(jnp.float32)))))
+           for path, w in kernels.items()}
+    fisher_means = task.fisher()  # may hold layers the report leaves in float (embeddings)
+    offsets = allocation.fisher_offsets(rms, {path: fisher_means[path] for path in kernels})
+  else:
+    raise ValueError(f"{method=} is not one of {ALLOCATIONS}")
+  sizes = {path: int(w.size) for path, w in kernels.items()}
+  return allocation.distribute(offsets, sizes, average_bits, integer=integer)
+
+
+def run_report(task: Task, format_names: Sequence[str], bits_list: Sequence[float],
+               block_size: int, allocations: Sequence[str] = ("flat",),
+               progress=None) -> list[Row]:
+  """Quantises `task.model` with every format, average bit width and allocation; the rows."""
   graphdef, state = nnx.split(task.model)
   kernels = _kernels(task.model, task.layers)
   if not kernels:
     raise ValueError(f"no Linear layer of {task.name} matches {task.layers!r}")
   choices = [choice_for(name) for name in format_names]
   rows = []
-  for bits in bits_list:
-    for choice in choices:
-      start = time.perf_counter()
-      specs, errors = {}, []
-      for path, w in kernels.items():
-        spec = choice.spec_for(w, bits, block_size)
-        if progress is not None:
-          progress(f"{bits}-bit {choice.label}: {path}")
-        if spec is None:
-          break
-        specs[path] = spec
-      if len(specs) < len(kernels):
-        continue  # the family has no format at this width (NF4/SF4 are 4-bit only)
-      model = nnx.merge(graphdef, state)
-      rules = [jq.Rule(re.escape(path), spec) for path, spec in specs.items()]
-      jq.nnx.quantise_model(model, rules)
-      sizes, storage = [], 0
-      for path in kernels:
-        layer = model
-        for part in path.split("/"):
-          layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
-        q = layer.kernel.get_value()
-        errors.append(float(jq.metrics.relative_rmse(kernels[path], q.dequantise())))
-        sizes.append(q.size)
-        storage += q.storage_bits
-      scores = task.score(_shared_compilation(model))
-      rows.append(Row(
-          format=choice.label, bits=bits, bits_per_param=storage / sum(sizes),
-          weight_r=sum(e * s for e, s in zip(errors, sizes)) / sum(sizes),
-          metric=float(scores[task.metric]), extra={k: float(v) for k, v in scores.items()},
-          quantised_mib=jq.nnx.quantised_bytes(model) / 2**20,
-          seconds=time.perf_counter() - start))
-  for bits in bits_list:
-    group = [row for row in rows if row.bits == bits]
-    if group:
-      min(group, key=lambda row: row.metric).best = True
+  for method in allocations:
+    for bits in bits_list:
+      for choice in choices:
+        start = time.perf_counter()
+        layer_bits = bits_per_layer(task, kernels, method, bits, integer=choice.integer_bits)
+        model = nnx.merge(graphdef, state)
+        if choice.encode is None:
+          measured = _quantise_fixed(model, kernels, choice, layer_bits, block_size, progress)
+        else:
+          measured = _store_variable(model, kernels, choice, layer_bits, block_size, progress)
+        if measured is None:
+          continue  # the family has no format at some width (NF4/SF4 are 4-bit only)
+        storage, errors, device_bytes = measured
+        sizes = [w.size for w in kernels.values()]
+        scores = task.score(_shared_compilation(model))
+        if task.fisher is not None:
+          scores["predicted KL"] = _predicted_kl(task.fisher(), kernels, errors)
+        rows.append(Row(
+            format=choice.label, allocation=method, bits=bits,
+            bits_per_param=storage / sum(sizes),
+            weight_r=sum(e * s for e, s in zip(errors, sizes)) / sum(sizes),
+            metric=float(scores[task.metric]), extra={k: float(v) for k, v in scores.items()},
+            quantised_mib=device_bytes / 2**20, seconds=time.perf_counter() - start))
+  for method in allocations:
+    for bits in bits_list:
+      group = [row for row in rows if row.bits == bits and row.allocation == method]
+      if group:
+        min(group, key=lambda row: row.metric).best = True
   return rows
+
+
+def _predicted_kl(fisher_means, kernels, errors) -> float:
+  """½ Σ_t f̄_t ‖δθ_t‖² (Orr et al. 2025, §5), with ‖δθ_t‖ = R_t ‖w_t‖."""
+  squared = {path: (error * float(jnp.linalg.norm(w.astype(jnp.float32))))**2
+             for (path, w), error in zip(kernels.items(), errors)}
+  return 0.5 * sum(fisher_means[path] * squared[path] for path in kernels)
+
+
+def _layer(model, path):
+  layer = model
+  for part in path.split("/"):
+    layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+  return layer
+
+
+def _quantise_fixed(model, kernels, choice, layer_bits, block_size, progress):
+  """Quantises `model` in place through `quantise_model`: (storage bits, errors, bytes)."""
+  specs = {}
+  for path, w in kernels.items():
+    if progress is not None:
+      progress(f"{choice.label} ({layer_bits[path]} b): {path}")
+    spec = choice.spec_for(w, int(layer_bits[path]), block_size)
+    if spec is None:
+      return None
+    specs[path] = spec
+  jq.nnx.quantise_model(model, [jq.Rule(re.escape(path), spec) for path, spec in specs.items()])
+  storage, errors = 0, []
+  for path in kernels:
+    q = _layer(model, path).kernel.get_value()
+    errors.append(float(jq.metrics.relative_rmse(kernels[path], q.dequantise())))
+    storage += q.storage_bits
+  return storage, errors, jq.nnx.quantised_bytes(model)
+
+
+def _store_variable(model, kernels, choice, layer_bits, block_size, progress):
+  """Sets `model`'s kernels to their stored reconstructions: (storage bits, errors, bytes)."""
+  storage, errors, device_bytes = 0.0, [], 0
+  for path, w in kernels.items():
+    if progress is not None:
+      progress(f"{choice.label} ({layer_bits[path]:.3g} b): {path}")
+    stored = choice.encode(w, layer_bits[path], block_size)
+    errors.append(float(jq.metrics.relative_rmse(w, stored.reconstruction)))
+    storage += stored.storage_bits
+    device_bytes += stored.device_bytes
+    # A new Param: the merged model shares its Variables with the float state of the report.
+    _layer(model, path).kernel = nnx.Param(stored.reconstruction.astype(w.dtype))
+  return storage, errors, device_bytes
 
 
 def _shared_compilation(model):
@@ -203,13 +336,25 @@ def _shared_compilation(model):
 
 
 def render(task: Task, rows: Sequence[Row]) -> str:
-  header = (f"{'format':<24}{'bits':>5}{'b/param':>9}{'weight R':>10}{task.metric:>14}"
-            f"{'MiB':>8}")
-  lines = [f"{task.name}: {task.metric} (lower is better; * = best at its bit width)", header]
+  """The rows as a text table, with an allocation column when a row is not flat and the
+  predicted KL ½ Σ f̄_t ‖δθ_t‖² when the task has a Fisher."""
+  show = any(row.allocation != "flat" for row in rows)
+  predicted = all("predicted KL" in row.extra for row in rows) and bool(rows)
+  header = (f"{'format':<33}" + (f"{'allocation':<11}" if show else "") +
+            f"{'bits':>5}{'b/param':>9}{'weight R':>10}{task.metric:>14}" +
+            (f"{'predicted':>11}" if predicted else "") + f"{'MiB':>8}")
+  lines = [f"{task.name}: {task.metric} (lower is better; * = best at its bits"
+           f"{' and allocation' if show else ''})", header]
   for row in rows:
     mark = "*" if row.best else " "
-    lines.append(f"{row.format:<24}{row.bits:>5}{row.bits_per_param:>9.3f}{row.weight_r:>10.4f}"
-                 f"{row.metric:>13.5f}{mark}{row.quantised_mib:>8.2f}")
+    lines.append(f"{row.format:<33}" + (f"{row.allocation:<11}" if show else "") +
+                 f"{row.bits:>5g}{row.bits_per_param:>9.3f}{row.weight_r:>10.4f}"
+                 f"{row.metric:>13.5f}{mark}" +
+                 (f"{row.extra['predicted KL']:>11.5f}" if predicted else "") +
+                 f"{row.quantised_mib:>8.2f}")
+  if predicted:
+    lines.append("predicted: ½ Σ_t f̄_t ‖ŵ_t − w_t‖², from the mean diagonal Fisher f̄_t of each "
+                 "layer (Orr et al. 2025, §5)")
   if task.note:
     lines.append(task.note)
   return "\n".join(lines)
@@ -218,11 +363,11 @@ def render(task: Task, rows: Sequence[Row]) -> str:
 def write_outputs(task: Task, rows: Sequence[Row], out: pathlib.Path, meta: dict) -> list[str]:
   """report.csv, report.json and (with matplotlib) report.png in `out`; returns the names."""
   out.mkdir(parents=True, exist_ok=True)
-  fields = ["format", "bits", "bits_per_param", "weight_r", "metric", "quantised_mib",
-            "seconds", "best"]
+  fields = ["format", "allocation", "bits", "bits_per_param", "weight_r", "metric",
+            "quantised_mib", "seconds", "best"]
   with open(out / "report.csv", "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
-    writer.writerow(fields[:4] + [task.metric] + fields[5:])
+    writer.writerow(fields[:5] + [task.metric] + fields[6:])
     for row in rows:
       writer.writerow([getattr(row, field) for field in fields])
   (out / "report.json").write_text(json.dumps(
@@ -237,17 +382,21 @@ def write_outputs(task: Task, rows: Sequence[Row], out: pathlib.Path, meta: dict
     return written
   figure, axes = plt.subplots(figsize=(7, 4.5))
   markers = "osD^v<>phX*P"
-  labels = list(dict.fromkeys(row.format for row in rows))
-  for index, label in enumerate(labels):
-    spread = 0.08 * (index / max(1, len(labels) - 1) - 0.5)  # side by side, not on top
-    points = [(row.bits_per_param + spread, row.metric) for row in rows if row.format == label]
-    axes.plot(*zip(*points), markers[index % len(markers)], label=label, linestyle="none")
-  axes.set_xlabel("bits per parameter, codes + scales (formats spread ±0.04 to stay visible)")
+  variable = {choice.label for choice in CHOICES.values() if choice.encode is not None}
+  series = list(dict.fromkeys((row.format, row.allocation) for row in rows))
+  for index, (label, method) in enumerate(series):
+    spread = 0.06 * (index / max(1, len(series) - 1) - 0.5)  # side by side, not on top
+    points = sorted((row.bits_per_param + spread, row.metric) for row in rows
+                    if (row.format, row.allocation) == (label, method))
+    name = label if method == "flat" else f"{label} [{method}]"
+    axes.plot(*zip(*points), marker=markers[index % len(markers)],
+              linestyle="--" if label in variable else "-", label=name)
+  axes.set_xlabel("bits per parameter (stored size; series spread ±0.03 to stay visible)")
   axes.set_ylabel(task.metric)
   axes.set_yscale("log")
   axes.set_title(f"{task.name}: {task.metric} against bits per parameter")
   axes.grid(True, alpha=0.3)
-  axes.legend(fontsize=7, ncol=2)
+  axes.legend(fontsize=7, ncol=2, title="dashed: variable-length", title_fontsize=7)
   figure.tight_layout()
   figure.savefig(out / "report.png", dpi=120)
   plt.close(figure)

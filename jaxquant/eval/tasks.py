@@ -7,16 +7,25 @@
 - ``smollm2``: SmolLM2-135M-Instruct. All 210 decoder-block Linear layers are quantised (the
   tied embedding stays as loaded); the metric is the paper's top-128 + tail next-token KL to
   the float model over ≥ 2,000 tokens of Python standard-library documentation, with the full
-  KL and perplexity beside it. Its float weights already lie on a Q4_1 grid.
+  KL and perplexity beside it. Its float weights already lie on a Q4_1 grid. Its diagonal
+  Fisher, for bit allocation and the predicted KL, comes from other tokens of the same text.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.eval.report import Task
+
+
+# The Fisher of SmolLM2 (true Fisher, labels sampled from the model) is estimated on this many
+# calibration tokens from the end of the text, in sequences of FISHER_SEQ_LEN.
+FISHER_TOKENS = 2048
+FISHER_SEQ_LEN = 128
 
 
 class ModelMissing(RuntimeError):
@@ -62,8 +71,18 @@ def _smollm2(quick: bool) -> Task:
             "KL": float(jnp.mean(text.kl_divergence(reference, logits))),
             "perplexity": float(text.perplexity(logits, ids))}
 
+  @functools.cache
+  def fisher():
+    from jaxquant.eval import fisher as fisher_lib  # pylint: disable=import-outside-toplevel
+    # Many short sequences: the signed-gradient estimator's noise falls with their number.
+    n_tokens = FISHER_TOKENS // 4 if quick else FISHER_TOKENS
+    calibration = text.calibration_tokens(tokenizer, n_tokens=n_tokens, seq_len=FISHER_SEQ_LEN)
+    per_element = fisher_lib.diagonal_fisher(
+        model, [jnp.asarray(row[None]) for row in calibration], key=jax.random.key(0))
+    return fisher_lib.by_layer(fisher_lib.tensor_means(per_element))
+
   note = (f"{int(np.prod(ids.shape))} tokens; 210 decoder Linear layers. The float weights "
           "already lie on a Q4_1 grid (asymmetric, groups of 32), so errors are relative to "
           "that, and formats are compared at block 64.")
   return Task("SmolLM2-135M-Instruct", model, layers=r"layers/\d+/.*", metric="top-128 KL",
-              score=score, note=note)
+              score=score, note=note, fisher=fisher)

@@ -40,9 +40,9 @@ def evaluation_tokens(tokenizer, n_tokens: int = 2048, seq_len: int = 256) -> np
   """The evaluation text as ⌈n_tokens / seq_len⌉ sequences [n, seq_len] of int32 token ids.
 
   The text is tokenised once without special tokens and cut into consecutive, non-overlapping
-  pieces; each sequence is the tokens the tokenizer puts in front of a text (BOS for SmolLM2's,
-  found by encoding the empty string) followed by one piece. The defaults give 8 sequences of
-  256 (2,040 text tokens with one BOS each).
+  pieces from its start; each sequence is the tokens the tokenizer puts in front of a text (BOS
+  for SmolLM2's, found by encoding the empty string) followed by one piece. The defaults give 8
+  sequences of 256 (2,040 text tokens with one BOS each).
 
   Args:
     tokenizer: a `tokenizers.Tokenizer`.
@@ -52,14 +52,29 @@ def evaluation_tokens(tokenizer, n_tokens: int = 2048, seq_len: int = 256) -> np
   Raises:
     ValueError: the text has too few tokens for the request.
   """
+  return _sequences(tokenizer, n_tokens, seq_len, from_end=False)
+
+
+def calibration_tokens(tokenizer, n_tokens: int = 2048, seq_len: int = 256) -> np.ndarray:
+  """Sequences like `evaluation_tokens`, cut from the end of the text instead of its start.
+
+  For statistics gathered on the model (the Fisher of bit allocation): as long as the two
+  requests together need no more than the text's ~7,600 tokens, calibration and evaluation
+  tokens do not overlap, so an allocation is not tuned on the tokens it is scored on.
+  """
+  return _sequences(tokenizer, n_tokens, seq_len, from_end=True)
+
+
+def _sequences(tokenizer, n_tokens, seq_len, from_end):
   prefix = tokenizer.encode("").ids
   body = tokenizer.encode(evaluation_text(), add_special_tokens=False).ids
   n_sequences, piece = -(-n_tokens // seq_len), seq_len - len(prefix)
   if piece < 1 or n_sequences * piece > len(body):
     raise ValueError(f"{n_sequences} sequences of {seq_len} tokens need "
                      f"{n_sequences * piece} text tokens; the text has {len(body)}")
-  return np.asarray([prefix + body[i * piece:(i + 1) * piece] for i in range(n_sequences)],
-                    np.int32)
+  start = len(body) - n_sequences * piece if from_end else 0
+  return np.asarray([prefix + body[start + i * piece:start + (i + 1) * piece]
+                     for i in range(n_sequences)], np.int32)
 
 
 def _log_softmax(logits: jax.Array) -> jax.Array:
