@@ -127,8 +127,8 @@ def _entropy_grid(coder):
   """Tensor RMS + an odd uniform grid whose ideal-coded rate meets the bits; `coder` sizes it."""
   def encode(w, bits, block_size):
     del block_size
-    _, spec = entropy.fit_grid(w, bits, scaling="rms")
-    q = jq.quantise(w, dataclasses.replace(spec, axis=0))
+    _, spec = entropy.fit_grid(w, bits, scaling="rms", axis=0)
+    q = jq.quantise(w, spec)
     size = entropy.coded_size(q)[f"{coder}_bits_per_param"] * q.size
     return Stored(q.dequantise(jnp.float32), size, _device_bytes(q))
   return encode
