@@ -60,3 +60,15 @@ def test_allocated_rows_spend_the_average_bits(task, kernels, method):
 def test_fisher_allocation_needs_a_language_model(task, kernels):
   with pytest.raises(ValueError, match="needs a language model"):
     report.bits_per_layer(task, kernels, "fisher", 4, integer=True)
+
+
+def test_entropy_coded_rows_report_coded_and_decoded_sizes(task, kernels):
+  ideal, huffman = report.run_report(task, ["grid-ideal", "grid-huffman"], [3.5], 64)
+  # fit_grid meets each layer's 3.5 bits from below (the 32-bit tensor scale included).
+  assert 3.5 - 0.01 < ideal.bits_per_param <= 3.5
+  # The same codes, sized by a real Huffman code (code table included): a little more.
+  assert ideal.metric == huffman.metric and ideal.weight_r == huffman.weight_r
+  assert ideal.bits_per_param < huffman.bits_per_param < ideal.bits_per_param + 0.1
+  # In memory each layer is an ordinary QuantisedArray of ⌈log2(grid points)⌉-bit codes.
+  n_params = sum(w.size for w in kernels.values())
+  assert ideal.quantised_mib * 2**20 * 8 / n_params >= 4
