@@ -97,8 +97,19 @@ def test_entropy_coded_grid_constants_and_beats_fixed_length(name):
   assert bits <= size["huffman_bits_per_param"] <= 1.02 * bits
   error = float(jq.metrics.relative_rmse(x, q.dequantise()))
   assert error * 2**bits == pytest.approx(constant, rel=0.03)
-  fixed_specs = [jq.QuantSpec("nf4", block_size=64, scaling="absmax"),
-                 jq.QuantSpec("int4", block_size="tensor", scaling="rms")]
+  # Every 4-bit fixed-length family, including the optimal fixed-length scalar quantiser for
+  # these data (Lloyd–Max on the unit-RMS samples, per tensor), spends more bits for more error.
+  rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+  fixed_specs = [
+      jq.QuantSpec("nf4", block_size=64, scaling="absmax"),
+      jq.QuantSpec("sf4", block_size=64, scaling="absmax"),
+      jq.QuantSpec(jq.formats.fp_format(2, 1), block_size=64, scaling="absmax"),
+      jq.QuantSpec(jq.formats.int_format(4), block_size=64, scaling="signmax"),
+      jq.QuantSpec(jq.formats.crd_format("t", 4, scaling="signmax", block_size=64, df=5)),
+      jq.QuantSpec("int4", block_size="tensor", scaling="rms"),
+      jq.QuantSpec(jq.formats.crd_format("normal", 4, scaling="rms"), block_size="tensor"),
+      jq.QuantSpec(jq.formats.lloyd_max(x / rms, 4, scaling="rms"), block_size="tensor"),
+  ]
   for fixed_spec in fixed_specs:
     fixed = jq.quantise(x, fixed_spec)
     assert bits <= fixed.bits_per_param
