@@ -9,7 +9,7 @@ each allocation the script prints the top-128 KL to the float model, and how man
 parameter the flat allocation needs for the same KL (log KL interpolated linearly in bits
 between the flat points): the bits saved at equal KL.
 
-    python examples/bit_allocation.py                  # CRD-t signmax B=64 and the grid
+    python examples/bit_allocation.py      # CRD-t signmax B=64, CRD-t + outliers, the grid
     python examples/bit_allocation.py --formats crd-t-signmax --quick --out /tmp/allocation
 """
 
@@ -41,7 +41,8 @@ def flat_bits_for(rows, family: str, metric: float) -> float | None:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--formats", nargs="+", default=["crd-t-signmax", "grid-ideal"])
+  parser.add_argument("--formats", nargs="+",
+                      default=["crd-t-signmax", "crd-t-outliers", "grid-ideal"])
   parser.add_argument("--bits", type=float, nargs="+", default=[3.5, 4.0],
                       help="average element bits for the heuristic and Fisher allocations")
   parser.add_argument("--block-size", type=int, default=64)

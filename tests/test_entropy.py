@@ -142,7 +142,7 @@ def test_fit_grid_rms_meets_fractional_targets_closely(name):
   sampler, constant = _SAMPLERS[name]
   x = sampler(np.random.default_rng(5), 2**18).astype(np.float32)
   for target in (2.0, 3.0, 3.5, 4.0, 5.0):
-    fmt, spec = entropy.fit_grid(x, target)
+    fmt, spec = entropy.fit_grid(x, target, clip=True)
     half_n = fmt.values.size // 2
     step = fmt.values[half_n + 1]
     amax = np.max(np.abs(_tensor_rms_scaled(x, spec)))
@@ -165,7 +165,12 @@ def test_fit_grid_rms_clips_an_outlier_to_meet_the_target():
   amax = np.max(np.abs(_tensor_rms_scaled(x, _rms_grid_spec(1.0, 1.0))))
   # A grid spanning ±amax stays under 3 bits even with 255 points.
   assert _ideal_rate(jq.quantise(x, _rms_grid_spec(amax / 127, amax))) < 3.0
+  # By default the grid never clips: the target gets the finest grid spanning ±amax, below it.
   fmt, spec = entropy.fit_grid(x, 4.0)
+  np.testing.assert_allclose(fmt.values, _rms_grid_spec(amax / 127, amax).format.values,
+                             rtol=1e-6)
+  assert _ideal_rate(jq.quantise(x, spec)) < 3.0
+  fmt, spec = entropy.fit_grid(x, 4.0, clip=True)
   q = jq.quantise(x, spec)
   bits = entropy.coded_size(q)["ideal_bits_per_param"]
   np.testing.assert_allclose(bits, _ideal_rate(q), rtol=1e-12)
@@ -174,7 +179,7 @@ def test_fit_grid_rms_clips_an_outlier_to_meet_the_target():
   dequantised = np.asarray(q.dequantise())
   assert dequantised[1234] == np.max(dequantised) < x[1234] / 2
   with pytest.raises(ValueError, match=r"outside the 0\.\d{4}\.\.7\.\d{4} bits per element"):
-    entropy.fit_grid(x, 7.99)
+    entropy.fit_grid(x, 7.99, clip=True)
 
 
 _N_SMALL = 4096
@@ -187,13 +192,13 @@ def _message_range(error):
 
 # Below the 3-point rate (rms: every code 0), above 255 points, and below the 16/64 bits per
 # element of bfloat16 scales.
-@pytest.mark.parametrize("target, block_size, scaling", [
-    (0.005, "tensor", "rms"), (9.0, "tensor", "rms"), (0.24, 64, "rms"),
-    (0.01, "tensor", "absmax"), (8.5, "tensor", "absmax")])
-def test_fit_grid_unreachable_target(target, block_size, scaling):
+@pytest.mark.parametrize("target, block_size, scaling, clip", [
+    (0.005, "tensor", "rms", False), (9.0, "tensor", "rms", True), (0.24, 64, "rms", False),
+    (0.01, "tensor", "absmax", False), (8.5, "tensor", "absmax", False)])
+def test_fit_grid_unreachable_target(target, block_size, scaling, clip):
   x = np.random.default_rng(4).standard_normal(_N_SMALL).astype(np.float32)
   with pytest.raises(ValueError, match=f"bits_per_param={target}") as error:
-    entropy.fit_grid(x, target, block_size=block_size, scaling=scaling)
+    entropy.fit_grid(x, target, block_size=block_size, scaling=scaling, clip=clip)
   low, high = _message_range(error)
   assert not low <= target <= high and high <= np.log2(255) + 0.25 + 1e-4
   if (block_size, scaling) == ("tensor", "rms"):

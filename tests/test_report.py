@@ -64,8 +64,9 @@ def test_fisher_allocation_needs_a_language_model(task, kernels):
 
 def test_entropy_coded_rows_report_coded_and_decoded_sizes(task, kernels):
   ideal, huffman = report.run_report(task, ["grid-ideal", "grid-huffman"], [3.5], 64)
-  # fit_grid meets each layer's 3.5 bits from below (the 32-bit tensor scale included).
-  assert 3.5 - 0.01 < ideal.bits_per_param <= 3.5
+  # fit_grid meets each layer's 3.5 bits from below (the 32-bit tensor scale included); grids
+  # never clip, so layers whose outliers 255 points cannot span spend less.
+  assert 3.0 < ideal.bits_per_param <= 3.5
   # The same codes, sized by a real Huffman code (code table included): a little more.
   assert ideal.metric == huffman.metric and ideal.weight_r == huffman.weight_r
   assert ideal.bits_per_param < huffman.bits_per_param < ideal.bits_per_param + 0.1
