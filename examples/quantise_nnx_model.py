@@ -46,7 +46,7 @@ def main():
       jq.Rule(r"embed", jq.QuantSpec("nf4")),
       jq.Rule(r"blocks/\d+/\d+", jq.QuantSpec("crd-t7-signmax-4b")),     # every MLP matrix
   ]
-  jq.nnx.quantise_model(model, rules)
+  model = jq.nnx.quantise_model(model, rules)  # a new model; the float one is untouched
   logits = jax.jit(lambda m, i: m(i))(model, ids)
   after = weight_bytes(model)
   error = float(jnp.linalg.norm(logits - reference) / jnp.linalg.norm(reference))

@@ -35,10 +35,10 @@ class MLP(nnx.Module):
 
 
 def main():
-  # Auto axes: XLA propagates the shardings through qmatmul (explicit axes need out_sharding).
+  # Auto axes: XLA propagates the shardings through the packed contraction (explicit axes need out_sharding).
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-  model = MLP(nnx.Rngs(0))
-  jq.nnx.quantise_model(model, [jq.Rule(r".*", jq.QuantSpec("nf4", block_size=64))])
+  model = jq.nnx.quantise_model(MLP(nnx.Rngs(0)),
+                                [jq.Rule(r".*", jq.QuantSpec("nf4", block_size=64))])
   x = jax.random.normal(jax.random.key(1), (32, 1024))
   forward = jax.jit(lambda m, x: m(x))
   expected = forward(model, x)  # on one device

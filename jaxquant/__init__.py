@@ -12,13 +12,18 @@ from jaxquant import metrics as metrics
 from jaxquant import outliers as outliers
 from jaxquant import packing as packing
 from jaxquant import scaling as scaling
-from jaxquant.kernels import qmatmul as qmatmul
+from jaxquant import interception as interception
+from jaxquant.contraction import dot_general as dot_general
+from jaxquant.contraction import qat_matmul as qat_matmul
+from jaxquant.contraction import qmatmul as qmatmul
+from jaxquant.ops import einsum as einsum
+from jaxquant.ops import take as take
 from jaxquant.qarray import QuantisedArray as QuantisedArray
 from jaxquant.qarray import QuantSpec as QuantSpec
 from jaxquant.qarray import dequantise as dequantise
 from jaxquant.qarray import quantise as quantise
+from jaxquant.qat import FakeQuantised as FakeQuantised
 from jaxquant.qat import fake_quantise as fake_quantise
-from jaxquant.qat import qat_matmul as qat_matmul
 from jaxquant.nn.rules import Rule as Rule
 
 # The Flax layers import Flax, so they load on first use: jaxquant.nnx, jaxquant.linen.
@@ -35,8 +40,7 @@ def __getattr__(name):
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuantSpec", "QuantisedArray", "Rule", "dequantise", "distributions", "entropy",
-    "fake_quantise",
-    "fitting", "formats", "metrics", "outliers", "packing", "qat_matmul", "qmatmul", "quantise",
-    "scaling",
+    "FakeQuantised", "QuantSpec", "QuantisedArray", "Rule", "dequantise", "distributions",
+    "dot_general", "einsum", "entropy", "fake_quantise", "fitting", "formats", "interception",
+    "metrics", "outliers", "packing", "qat_matmul", "qmatmul", "quantise", "scaling", "take",
 ]

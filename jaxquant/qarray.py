@@ -31,16 +31,19 @@ class QuantSpec:
   """How to quantise an array: a format, a block layout, a scaling and a scale storage.
 
   Attributes:
-    format: a `Format` (or its name, e.g. ``"nf4"``).
+    format: a `Format`, or its name (e.g. ``"nf4"``). A name that leaves the block size
+      open (``"crd-t7-signmax-4b"``) is built for this spec's integer `block_size`.
     block_size: elements per block along `axis` (an int ≥ 1), ``"channel"`` (one scale per
       slice along `axis`: the whole axis is one block) or ``"tensor"`` (one scale). Default:
       the format's own block size, else 64.
     scaling: ``"absmax"``, ``"signmax"`` or ``"rms"``. Default: the format's own, else absmax.
     scale_dtype: ``float32``, ``bfloat16`` (default), ``float8_e4m3fn`` or ``"e8m0"``; None
       with `double_quant`.
-    axis: the axis blocks run along (Flax kernels are [in, out]: use 0 to block along the
-      contraction axis, as `qmatmul` needs).
-    double_quant: store scales as int8 in groups of 256 with float32 group scales (QLoRA).
+    axis: the axis blocks run along. Default 0, the contraction axis of a Flax kernel
+      [in, out] (and of `qmatmul`'s W[K, N]); `jaxquant.Rule`s and the Flax layers choose the
+      contraction axis themselves, whatever this says.
+    double_quant: store the scales as 8-bit codes in groups of 256 with one float32 scale
+      per group (QLoRA): uint8 codes for non-negative scales, int8 for signed (signmax) ones.
     scale_search: rms only: choose a per-tensor scale multiplier from 17 log-spaced values in
       [1/4, 4] that minimises the squared error.
   """
@@ -49,12 +52,18 @@ class QuantSpec:
   block_size: int | str | None = dataclasses.field(default=None, kw_only=True)
   scaling: str | None = dataclasses.field(default=None, kw_only=True)
   scale_dtype: Any = dataclasses.field(default=None, kw_only=True)
-  axis: int = dataclasses.field(default=-1, kw_only=True)
+  axis: int = dataclasses.field(default=0, kw_only=True)
   double_quant: bool = dataclasses.field(default=False, kw_only=True)
   scale_search: bool = dataclasses.field(default=False, kw_only=True)
 
   def __post_init__(self):
-    fmt = parse(self.format) if isinstance(self.format, str) else self.format
+    if isinstance(self.format, str):
+      numeric = isinstance(self.block_size, (int, np.integer)) and not isinstance(
+          self.block_size, bool)
+      fmt = parse(self.format,
+                  block_size=int(self.block_size) if numeric and self.block_size >= 1 else None)
+    else:
+      fmt = self.format
     if not isinstance(fmt, Format):
       raise TypeError(f"format={self.format!r} must be a jaxquant Format or a format name")
     chosen = self.scaling or fmt.scaling or "absmax"
@@ -106,12 +115,15 @@ class QuantisedArray:
 
   Array leaves: `codes` (uint32 words, codes packed along `axis`), `scales` (one per block;
   the logical shape with `axis` replaced by the number of blocks, and every axis 1 for a
-  per-tensor scale; the dtype says how they are stored), `codebook` (float32 values of the
-  format), and, when the scale storage needs it, `scale_scales` (float32: per-256 group
-  scales for double quantisation, or the per-tensor factor of float8 scales; else None).
-  Static metadata: the logical `shape` and `dtype`, `axis` (non-negative), `block_size`
-  (the effective block length), `bits`, `scaling`, `granularity` ("block", "channel" or
-  "tensor"), `format_name`, and the packing `layout` and `layout_version`.
+  per-tensor scale; the dtype says how they are stored), `codebook` (float32, the format's
+  values padded with its last value to 2**bits entries; codes never point at the padding),
+  and, when the scale storage needs it, `scale_scales` (float32: per-256 group scales for
+  double quantisation, or the per-tensor factor of float8 scales; else None).
+  Static metadata, all of it needed to read the leaves: the logical `shape` and `dtype`,
+  `axis` (non-negative), `block_size` (the effective block length), `bits`, `granularity`
+  ("block", "channel" or "tensor"), and the packing `layout` and `layout_version`. What the
+  codebook is called and how its scales were chosen are not metadata, so arrays of every
+  format with the same bits, blocks and shape share one compiled program.
 
   Invariants: `dequantise(q).shape == q.shape`; along `axis`, `codes` has
   ceil(n_blocks·block_size / 32)·bits words; `w ≈ scale · codebook[code]` elementwise.
@@ -126,9 +138,7 @@ class QuantisedArray:
   axis: int
   block_size: int
   bits: int
-  scaling: str
   granularity: str
-  format_name: str
   layout: str = packing.LAYOUT
   layout_version: int = packing.LAYOUT_VERSION
 
@@ -158,21 +168,35 @@ class QuantisedArray:
   def dequantise(self, dtype=None) -> jax.Array:
     return dequantise(self, dtype)
 
+  # The weight protocol of `jaxquant.contraction`: how the array meets activations.
+
+  def contract(self, x: jax.Array, contraction, backend: str) -> jax.Array:
+    """`lax.dot_general(x, self, contraction.dimension_numbers)` in float32, from the codes."""
+    from jaxquant import kernels  # pylint: disable=import-outside-toplevel  (kernels import this module)
+    return kernels.contract(x, self, contraction, backend)
+
+  def gather(self, indices: jax.Array, params: dict) -> jax.Array:
+    """`lax.gather(self, indices, **params)` that gathers packed codes, then dequantises."""
+    return gather(self, indices, params)
+
+  def astype(self, dtype) -> "QuantisedArray":
+    """The same codes and scales read as an array of `dtype` (it only relabels)."""
+    return dataclasses.replace(self, dtype=np.dtype(dtype))
+
   def __repr__(self):
     blocks = self.granularity if self.granularity != "block" else f"block_size={self.block_size}"
     # Tools such as Flax's repr replace the leaves by summaries that have no size.
     arrays = all(hasattr(leaf, "size") for leaf in (self.codes, self.scales))
     cost = f", bits_per_param={self.bits_per_param:.4f}" if arrays else ""
     return (f"QuantisedArray(shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
-            f"format={self.format_name!r}, {blocks}, axis={self.axis}, "
-            f"scaling={self.scaling!r}{cost})")
+            f"bits={self.bits}, {blocks}, axis={self.axis}{cost})")
 
 
 jax.tree_util.register_dataclass(
     QuantisedArray,
     data_fields=["codes", "scales", "codebook", "scale_scales"],
-    meta_fields=["shape", "dtype", "axis", "block_size", "bits", "scaling", "granularity",
-                 "format_name", "layout", "layout_version"],
+    meta_fields=["shape", "dtype", "axis", "block_size", "bits", "granularity", "layout",
+                 "layout_version"],
 )
 
 
@@ -205,9 +229,17 @@ def codebook_lookup(codebook: jax.Array, codes: jax.Array) -> jax.Array:
   return codebook.at[codes.astype(jnp.int32)].get(out_sharding=jax.typeof(codes).sharding)
 
 
+def as_spec(spec) -> QuantSpec:
+  """`spec` as a `QuantSpec`: a spec, or a `Format` or format name with the spec defaults."""
+  if isinstance(spec, QuantSpec):
+    return spec
+  if isinstance(spec, (Format, str)):
+    return QuantSpec(spec)
+  raise TypeError(f"spec must be a QuantSpec, a Format or a format name, got "
+                  f"{type(spec).__name__}")
+
+
 def _check_input(x, spec: QuantSpec) -> jax.Array:
-  if not isinstance(spec, QuantSpec):
-    raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
   if not hasattr(x, "dtype") or not hasattr(x, "shape"):
     x = jnp.asarray(x)
   if jnp.dtype(x.dtype).name not in INPUT_DTYPES:
@@ -221,12 +253,12 @@ def _check_input(x, spec: QuantSpec) -> jax.Array:
   return x
 
 
-def quantise(x, spec: QuantSpec, *, check_finite: bool = True) -> QuantisedArray:
+def quantise(x, spec: QuantSpec | Format | str, *, check_finite: bool = True) -> QuantisedArray:
   """Quantises `x` into a packed `QuantisedArray` (jit-compiled; `spec` is static).
 
   Args:
     x: float32, bfloat16 or float16 array (float64 under x64), any shape with ≥ 1 axis.
-    spec: the `QuantSpec`.
+    spec: the `QuantSpec`, or a `Format` or format name (``"nf4"``) for its defaults.
     check_finite: raise if `x` has NaN or ±Inf. The check reads a flag computed from the
       block scales (a non-finite element makes its block's scale non-finite), so it costs no
       extra pass. Under an enclosing `jax.jit` it cannot raise; a non-finite block then gets a
@@ -236,16 +268,28 @@ def quantise(x, spec: QuantSpec, *, check_finite: bool = True) -> QuantisedArray
     The `QuantisedArray`; `dequantise` gives back `x`'s shape and dtype.
 
   Raises:
-    TypeError: `x` is not a float array, or `spec` is not a `QuantSpec`.
+    TypeError: `x` is not a float array, or `spec` is not a `QuantSpec`, `Format` or name.
     ValueError: `axis` is out of range, `x` is empty, or `x` is not finite.
 
   Example:
     >>> import jax.numpy as jnp, jaxquant as jq
-    >>> w = jnp.linspace(-1.0, 1.0, 256).reshape(2, 128)
+    >>> w = jnp.linspace(-1.0, 1.0, 256).reshape(128, 2)
     >>> q = jq.quantise(w, jq.QuantSpec("nf4", block_size=64))
     >>> q.codes.shape, q.bits_per_param
-    ((2, 16), 4.25)
+    ((16, 2), 4.25)
   """
+  return quantise_with_scales(x, spec, check_finite=check_finite)[0]
+
+
+def quantise_with_scales(x, spec: QuantSpec | Format | str, *, check_finite: bool = True
+                         ) -> tuple[QuantisedArray, jax.Array]:
+  """`quantise(x, spec)` and each block's float32 scale before it was stored.
+
+  The scale s maps the block onto the codebook, w ≈ s·v (with the rms search's multiplier;
+  shaped as `q.scales`), so the block represents [s·v_min, s·v_max] without clipping (swapped
+  for s < 0). Storing s (bf16, fp8, e8m0, double quantisation) rounds it.
+  """
+  spec = as_spec(spec)
   x = _check_input(x, spec)
   axis = spec.axis % x.ndim
   n = x.shape[axis]
@@ -255,13 +299,21 @@ def quantise(x, spec: QuantSpec, *, check_finite: bool = True) -> QuantisedArray
                    spec.scale_dtype, spec.double_quant, spec.scale_search)
   codebook = jnp.asarray(spec.format.values, jnp.float32)
   reference = jnp.float32(scaling.format_reference(spec.format, spec.scaling))
-  words, scales, scale_scales, finite = _quantise(x, codebook, reference, static)
+  words, scales, scale_scales, exact, finite = _quantise(x, codebook, reference, static)
   if check_finite and not isinstance(finite, jax.core.Tracer) and not bool(finite):
     raise ValueError("x contains NaN or Inf; quantise only finite arrays")
-  return QuantisedArray(
-      codes=words, scales=scales, codebook=codebook, scale_scales=scale_scales, shape=tuple(x.shape), dtype=np.dtype(x.dtype), axis=axis,
-      block_size=block_size, bits=spec.format.bits, scaling=spec.scaling,
-      granularity=granularity, format_name=spec.format.name)
+  q = QuantisedArray(
+      codes=words, scales=scales, codebook=padded_codebook(codebook, spec.format.bits),
+      scale_scales=scale_scales, shape=tuple(x.shape), dtype=np.dtype(x.dtype), axis=axis,
+      block_size=block_size, bits=spec.format.bits, granularity=granularity)
+  return q, exact
+
+
+def padded_codebook(codebook: jax.Array, bits: int) -> jax.Array:
+  """The codebook padded with its last value to exactly 2**bits float32 entries."""
+  codebook = jnp.asarray(codebook, jnp.float32)
+  pad = 2**bits - codebook.shape[0]
+  return jnp.concatenate([codebook, jnp.broadcast_to(codebook[-1:], (pad,))]) if pad else codebook
 
 
 class _Static(NamedTuple):
@@ -277,7 +329,7 @@ class _Static(NamedTuple):
 
 
 def _scale_and_round(xb, codebook, reference, static: _Static, n: int):
-  """Scales for blocked values, their stored form, and the nearest codes."""
+  """The stored scales, the nearest codes, the exact scales and a finiteness flag."""
   per_tensor = static.granularity == "tensor"
   scales = scaling.block_statistic(xb, static.scaling, static.axis, n, per_tensor) / reference
 
@@ -297,20 +349,21 @@ def _scale_and_round(xb, codebook, reference, static: _Static, n: int):
     candidates = jnp.asarray(scaling.scale_search_multipliers())
     multiplier = candidates[jnp.argmin(jax.lax.map(squared_error, candidates))]
   stored, _, codes = encode_and_round(multiplier)
-  return stored, codes, jnp.all(jnp.isfinite(scales))
+  return stored, codes, scales * multiplier, jnp.all(jnp.isfinite(scales))
 
 
 @functools.partial(jax.jit, static_argnums=3)
 def _quantise(x: jax.Array, codebook: jax.Array, reference: jax.Array, static: _Static):
   axis, n = static.axis, x.shape[static.axis]
   xb = scaling.to_blocks(x.astype(jnp.float32), axis, static.block_size)
-  (scales, scale_scales), codes, finite = _scale_and_round(
+  (scales, scale_scales), codes, exact, finite = _scale_and_round(
       xb, codebook, reference, static, n)
   codes = codes.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 1:])
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, -codes.shape[axis] % packing.GROUP)
   words = packing.pack(jnp.pad(codes, pad), static.bits, axis)
-  return words, jnp.squeeze(scales, axis + 1), scale_scales, finite
+  return (words, jnp.squeeze(scales, axis + 1), scale_scales, jnp.squeeze(exact, axis + 1),
+          finite)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -336,3 +389,51 @@ def dequantise(q: QuantisedArray, dtype=None) -> jax.Array:
   scales = scaling.decode_scales(q.scales, q.scale_scales)
   w = scaling.from_blocks(blocked * jnp.expand_dims(scales, axis + 1), axis, n)
   return w.astype(q.dtype if dtype is None else dtype)
+
+
+def gather(q: QuantisedArray, indices: jax.Array, params: dict) -> jax.Array:
+  """`lax.gather(W, indices, **params)` for the W that `q` represents, in `q.dtype`.
+
+  Takes point gathers of whole slices along axes other than the packed one (rows of an
+  embedding table [vocabulary, features] packed along the features, as ``table[ids]`` and
+  ``jnp.take(table, ids, axis=0)`` produce): the same gather picks the packed words and the
+  scales, and only the gathered slices are dequantised. Out-of-range indices behave as the
+  gather's `mode` says (NaN rows under ``jnp.take``'s fill mode, as for a float table).
+
+  Raises:
+    NotImplementedError: the gather takes part of a slice, indexes the packed axis, or has
+      batching dimensions.
+  """
+  numbers, sizes = params["dimension_numbers"], tuple(params["slice_sizes"])
+  indexed = set(numbers.start_index_map)
+  whole = all(sizes[a] == q.shape[a] for a in range(q.ndim) if a not in indexed)
+  if (q.axis in indexed or set(numbers.collapsed_slice_dims) != indexed or not whole
+      or numbers.operand_batching_dims):
+    raise NotImplementedError(
+        f"this gather from a weight of shape {q.shape} quantised along axis {q.axis} "
+        f"(slice sizes {sizes}, {numbers}) is not a gather of whole slices along other axes; "
+        "only those (embedding rows) are taken from packed codes")
+  code_sizes = list(sizes)
+  code_sizes[q.axis] = q.codes.shape[q.axis]
+  codes = jax.lax.gather(q.codes, indices, numbers, tuple(code_sizes),
+                         indices_are_sorted=params["indices_are_sorted"],
+                         unique_indices=params["unique_indices"],
+                         mode=jax.lax.GatherScatterMode.CLIP)
+  scales = scaling.decode_scales(q.scales, q.scale_scales)
+  scales = jnp.broadcast_to(scales, tuple(q.shape[a] if a in indexed else scales.shape[a]
+                                          for a in range(q.ndim)))
+  scale_sizes = list(sizes)
+  scale_sizes[q.axis] = scales.shape[q.axis]
+  for a in range(q.ndim):
+    if a not in indexed:
+      scale_sizes[a] = scales.shape[a]
+  scales = jax.lax.gather(scales, indices, numbers, tuple(scale_sizes),
+                          indices_are_sorted=params["indices_are_sorted"],
+                          unique_indices=params["unique_indices"], mode=params["mode"],
+                          fill_value=params["fill_value"])
+  kept = [a for a in range(q.ndim) if a not in indexed]
+  axis = numbers.offset_dims[kept.index(q.axis)]
+  shape = tuple(codes.shape[:axis]) + (q.shape[q.axis],) + tuple(codes.shape[axis + 1:])
+  rows = dataclasses.replace(q, codes=codes, scales=scales, scale_scales=None, shape=shape,
+                             axis=axis)
+  return dequantise(rows)

@@ -182,7 +182,7 @@ def test_a_fisher_allocation_quantises_the_model_layer_by_layer():
   rules = allocation.allocation_rules(
       bits, lambda path, b: jq.QuantSpec(f"int{b}", block_size="channel"))
   assert all(3 <= b <= 6 for b in bits.values()) and len(set(bits.values())) > 1
-  jq.nnx.quantise_model(model, rules)  # an unused rule would warn, and warnings are errors
+  model = jq.nnx.quantise_model(model, rules)  # an unused rule would warn: warnings are errors
   assert model.embed.embedding.get_value().bits == bits["embed"]
   for i, layer in enumerate(model.layers):
     assert layer.kernel.get_value().bits == bits[f"layers/{i}"]

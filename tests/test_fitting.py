@@ -16,6 +16,7 @@ SAMPLERS = {
 
 
 def error(x, fmt, **spec):
+  # Blocks along axis 0, as `fit_crd_t` measures by default (QuantSpec's default too).
   q = jq.quantise(x, jq.QuantSpec(fmt, scale_dtype=jnp.float32, **spec))
   return float(jq.metrics.relative_rmse(x, q.dequantise()))
 

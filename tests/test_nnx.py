@@ -47,9 +47,11 @@ def dequantised_twin(model):
 
 
 def test_quantised_model_matches_its_dequantised_twin_and_the_float_model():
-  model, ids = Model(nnx.Rngs(0)), jnp.arange(12) * 7
-  reference = model(ids)
-  jq.nnx.quantise_model(model, [jq.Rule(r"head", None), jq.Rule(r".*", NF4)])
+  float_model, ids = Model(nnx.Rngs(0)), jnp.arange(12) * 7
+  reference = float_model(ids)
+  model = jq.nnx.quantise_model(float_model, [jq.Rule(r"head", None), jq.Rule(r".*", NF4)])
+  assert isinstance(float_model.layers[0], nnx.Linear)  # the float model is left alone
+  np.testing.assert_array_equal(float_model(ids)[0], reference[0])
   assert isinstance(model.layers[0], jq.nnx.QLinear)
   assert isinstance(model.project, jq.nnx.QEinsum) and isinstance(model.embed, jq.nnx.QEmbed)
   assert isinstance(model.head, nnx.Linear)
@@ -64,7 +66,7 @@ def test_quantised_model_matches_its_dequantised_twin_and_the_float_model():
 def test_packed_bytes_match_bits_per_param_and_save_memory():
   model = Model(nnx.Rngs(0), width=256)
   float_bytes = sum(layer.kernel[...].on_device_size_in_bytes() for layer in model.layers)
-  jq.nnx.quantise_model(model, [jq.Rule(r"layers/\d+", NF4)])
+  model = jq.nnx.quantise_model(model, [jq.Rule(r"layers/\d+", NF4)])
   total = 0
   for layer in model.layers:
     q = layer.kernel.get_value()
@@ -79,15 +81,15 @@ def test_packed_bytes_match_bits_per_param_and_save_memory():
 def test_conversion_releases_the_float_weights():
   model = Model(nnx.Rngs(0), width=512)
   kernel_shapes = {layer.kernel[...].shape for layer in model.layers}
-  jq.nnx.quantise_model(model, [jq.Rule(r"layers/\d+", NF4)])
+  model = jq.nnx.quantise_model(model, [jq.Rule(r"layers/\d+", NF4)])
   gc.collect()
   alive = [a for a in jax.live_arrays() if a.shape in kernel_shapes and a.dtype == jnp.float32]
   assert not alive
 
 
 def test_grad_skips_packed_codes_and_trains_the_floats():
-  model, ids = Model(nnx.Rngs(0)), jnp.arange(5)
-  jq.nnx.quantise_model(model, [jq.Rule(r"head", None), jq.Rule(r".*", NF4)])
+  ids = jnp.arange(5)
+  model = jq.nnx.quantise_model(Model(nnx.Rngs(0)), [jq.Rule(r"head", None), jq.Rule(r".*", NF4)])
   grads = nnx.grad(lambda m: jnp.sum(m(ids)[0] ** 2))(model)
   flat = dict(nnx.to_flat_state(grads))
   assert ("head", "kernel") in flat and ("layers", 0, "bias") in flat
@@ -99,10 +101,9 @@ def test_grad_skips_packed_codes_and_trains_the_floats():
 
 
 def test_unused_rules_are_reported_and_none_keeps_float():
-  model = Model(nnx.Rngs(0))
-  with pytest.warns(UserWarning, match=r"matched no layer: \['decoder.\*'\]"):
-    jq.nnx.quantise_model(model, [jq.Rule("decoder.*", NF4), jq.Rule("layers/0", None),
-                                  jq.Rule(r"layers/\d", NF4)])
+  with pytest.warns(UserWarning, match=r"matched no weight: \['decoder.\*'\]"):
+    model = jq.nnx.quantise_model(Model(nnx.Rngs(0)), [
+        jq.Rule("decoder.*", NF4), jq.Rule("layers/0", None), jq.Rule(r"layers/\d/kernel", NF4)])
   assert isinstance(model.layers[0], nnx.Linear) and isinstance(model.layers[1], jq.nnx.QLinear)
 
 
@@ -124,17 +125,47 @@ def test_qembed_lookup_and_attend_match_dequantised_table():
   ids = jnp.array([[0, 999, 5], [7, 7, 3]])
   np.testing.assert_array_equal(q(ids), table[ids])
   query = jax.random.normal(jax.random.key(0), (2, 3, 64))
-  np.testing.assert_allclose(q.attend(query, chunk=256), query @ table.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(q.attend(query), query @ table.T, rtol=1e-5, atol=1e-5)
 
 
-def test_qat_linear_trains_and_converts_to_identical_outputs():
-  layer = jq.nnx.QATLinear.from_linear(nnx.Linear(128, 32, rngs=nnx.Rngs(0)),
-                                       jq.QuantSpec("int3"))
-  x = jax.random.normal(jax.random.key(1), (8, 128))
-  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
-  assert grads.kernel[...].shape == (128, 32) and float(jnp.abs(grads.kernel[...]).sum()) > 0
-  packed = layer.to_inference()
-  np.testing.assert_array_equal(packed(x), layer(x))
+def test_qembed_out_of_range_ids_behave_as_nnx_embed():
+  embed = nnx.Embed(100, 64, rngs=nnx.Rngs(0))
+  q = jq.nnx.QEmbed.from_embed(embed, NF4)
+  ids = jnp.array([0, 100, -1, -101, 7])
+  expected = embed(ids)  # NaN rows beyond the table, negative ids count from the end
+  got = q(ids)
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+  assert np.isnan(got[1]).all() and np.isnan(got[3]).all()
+  np.testing.assert_array_equal(got[2], q.embedding.get_value().dequantise()[99])
+
+
+def test_qat_layers_train_and_convert_to_identical_outputs():
+  model = Model(nnx.Rngs(0))
+  qat = jq.nnx.quantise_model(model, [jq.Rule(r"head", None), jq.Rule(".*", jq.QuantSpec("int3"))],
+                              mode="qat")
+  for layer in (qat.layers[0], qat.project, qat.embed):  # Einsum and Embed too, not only Linear
+    assert isinstance(next(iter(nnx.to_flat_state(nnx.state(layer, jq.nnx.QATWeight))))[1],
+                      jq.nnx.QATWeight)
+  ids = jnp.arange(12) * 7
+  grads = nnx.grad(lambda m: sum(jnp.sum(y ** 2) for y in m(ids)))(qat)
+  for name in (("layers", 0, "kernel"), ("project", "kernel"), ("embed", "embedding")):
+    grad = dict(nnx.to_flat_state(grads))[name][...]
+    assert float(jnp.abs(grad).sum()) > 0
+  packed = jq.nnx.convert(qat)
+  assert isinstance(packed.project.kernel, jq.nnx.QuantisedWeight)
+  for out, ref in zip(packed(ids), qat(ids)):
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_qat_from_host_memory_reads_the_host_weights():
+  rules = [jq.Rule(r"head", None), jq.Rule(r".*", jq.QuantSpec("int4"))]
+  full = Model(nnx.Rngs(0))
+  host = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(full)))
+  expected = jq.nnx.quantise_model(full, rules, mode="qat")(jnp.arange(4))
+  abstract = nnx.eval_shape(lambda: Model(nnx.Rngs(1)))
+  converted = jq.nnx.quantise_model(abstract, rules, mode="qat", params=host)
+  for out, ref in zip(converted(jnp.arange(4)), expected):
+    np.testing.assert_array_equal(out, ref)
 
 
 def test_bad_input():
@@ -146,8 +177,10 @@ def test_bad_input():
     jq.Rule("(", NF4)
   with pytest.raises(TypeError, match="spec"):
     jq.Rule(".*", "nf4")
-  with pytest.raises(NotImplementedError, match="batch"):
-    jq.nnx.QEinsum.from_einsum(nnx.Einsum("bd,bdk->bk", (2, 8, 4), rngs=nnx.Rngs(0)), NF4)
+  with pytest.raises(ValueError, match="contracts no kernel axis"):
+    jq.nnx.QEinsum.from_einsum(nnx.Einsum("bd,bdk->bdk", (2, 8, 4), rngs=nnx.Rngs(0)), NF4)
+  with pytest.raises(ValueError, match="2-D weight"):
+    jq.nnx.QLinear(jnp.ones((4, 4)))
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     jq.nnx.quantise_model(Model(nnx.Rngs(0)), [jq.Rule(".*", None)])  # every rule used

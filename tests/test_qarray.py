@@ -1,5 +1,6 @@
 """quantise / dequantise against an independent numpy quantiser, plus storage and bad input."""
 
+import dataclasses
 import math
 
 import chex
@@ -97,13 +98,13 @@ def test_dtypes_and_odd_shapes_come_back_exactly(dtype):
                                            ("int4", "signmax"), ("crd-t7-signmax-4b", "signmax")])
 def test_block_maximum_is_reproduced(name, scaling):
   x = RNG.normal(size=(16, 64)).astype(np.float32)
-  q = jq.quantise(x, jq.QuantSpec(name, scaling=scaling, scale_dtype=jnp.float32))
+  q = jq.quantise(x, jq.QuantSpec(name, scaling=scaling, scale_dtype=jnp.float32, axis=-1))
   w_hat = np.asarray(q.dequantise())
   rows = np.arange(16)
   extreme = np.abs(x).argmax(1)
   np.testing.assert_allclose(w_hat[rows, extreme], x[rows, extreme], rtol=3e-7)
   # With bf16 scales the maximum is exact up to the rounding of the scale.
-  q16 = jq.quantise(x, jq.QuantSpec(name, scaling=scaling))
+  q16 = jq.quantise(x, jq.QuantSpec(name, scaling=scaling, axis=-1))
   w16 = np.asarray(q16.dequantise())
   np.testing.assert_allclose(w16[rows, extreme], x[rows, extreme], rtol=2**-8)
 
@@ -161,6 +162,7 @@ def test_packed_codes_are_really_packed_on_device():
     jq.QuantSpec("int4-sym", scaling="signmax", double_quant=True),
 ], ids=str)
 def test_all_zero_blocks_stay_exactly_zero(spec):
+  spec = dataclasses.replace(spec, axis=-1)
   x = np.asarray(RNG.normal(size=(4, 256)), np.float32)
   x[1] = 0.0
   x[2, 64:128] = 0.0
@@ -180,7 +182,7 @@ def test_all_zero_tensor_stays_exactly_zero(block_size):
 
 def test_e8m0_scales_are_powers_of_two_that_never_overflow():
   x = jnp.asarray(RNG.normal(size=(8, 512)) * 10.0**RNG.uniform(-3, 3, size=(8, 1)), jnp.float32)
-  q = jq.quantise(x, jq.QuantSpec("nf4", scale_dtype="e8m0"))
+  q = jq.quantise(x, jq.QuantSpec("nf4", scale_dtype="e8m0", axis=-1))
   scales = np.asarray(q.scales.astype(jnp.float32))
   assert q.scales.dtype == jnp.float8_e8m0fnu
   np.testing.assert_array_equal(np.exp2(np.round(np.log2(scales))), scales)
@@ -216,8 +218,8 @@ def test_nonfinite_input_raises_and_propagates_under_jit():
   for bad in (np.nan, np.inf, -np.inf):
     x[1, 5] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
-      jq.quantise(x, jq.QuantSpec("nf4"))
-    w_hat = jax.jit(lambda a: jq.quantise(a, jq.QuantSpec("nf4")).dequantise())(x)
+      jq.quantise(x, jq.QuantSpec("nf4", axis=-1))
+    w_hat = jax.jit(lambda a: jq.quantise(a, jq.QuantSpec("nf4", axis=-1)).dequantise())(x)
     assert not np.all(np.isfinite(np.asarray(w_hat)[1]))
     assert np.all(np.asarray(w_hat)[0] == 1)
 
@@ -226,7 +228,7 @@ def test_nonfinite_input_raises_and_propagates_under_jit():
     (lambda: jq.quantise(jnp.ones((4, 4), jnp.int32), jq.QuantSpec("nf4")), TypeError, "dtype"),
     (lambda: jq.quantise(jnp.ones((4, 4)), jq.QuantSpec("nf4", axis=2)), ValueError, "axis"),
     (lambda: jq.quantise(jnp.ones(()), jq.QuantSpec("nf4")), ValueError, "axis"),
-    (lambda: jq.quantise(jnp.ones((4, 4)), "nf4"), TypeError, "QuantSpec"),
+    (lambda: jq.quantise(jnp.ones((4, 4)), 4), TypeError, "QuantSpec"),
     (lambda: jq.QuantSpec("nf4", block_size=0), ValueError, "block_size"),
     (lambda: jq.QuantSpec("nf4", block_size=-64), ValueError, "block_size"),
     (lambda: jq.QuantSpec("nf4", block_size=2.5), TypeError, "block_size"),
@@ -282,9 +284,26 @@ def test_formats_of_one_width_share_a_compilation():
 
 
 def test_spec_survives_dataclasses_replace():
-  import dataclasses  # pylint: disable=import-outside-toplevel
   for spec in (jq.QuantSpec("nf4", double_quant=True), jq.QuantSpec("int4", scale_dtype="e8m0"),
                jq.QuantSpec("crd-t5-signmax-3b")):
     moved = dataclasses.replace(spec, axis=0)
     assert moved.axis == 0 and moved.format == spec.format
     assert (moved.scale_dtype, moved.double_quant) == (spec.scale_dtype, spec.double_quant)
+
+
+def test_a_format_name_without_a_block_size_is_built_for_the_specs():
+  spec = jq.QuantSpec("crd-t7-signmax-4b", block_size=128)
+  assert spec.block_size == 128
+  assert spec.format == formats.crd_format("t", 4, scaling="signmax", block_size=128, df=7,
+                                           symmetric=False)
+  with pytest.raises(ValueError, match="block_size"):  # an explicit -B64 contradicts 128
+    jq.QuantSpec("crd-t7-signmax-4b-B64", block_size=128)
+
+
+def test_quantise_takes_a_format_or_its_name_with_the_spec_defaults():
+  w = jnp.asarray(RNG.normal(size=(256, 32)), jnp.float32)
+  by_spec = jq.quantise(w, jq.QuantSpec("nf4"))
+  for spec in ("nf4", formats.nf4()):
+    q = jq.quantise(w, spec)
+    assert (q.axis, q.block_size) == (0, 64)
+    np.testing.assert_array_equal(q.codes, by_spec.codes)

@@ -5,7 +5,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -24,12 +23,29 @@ def test_straight_through_gradient_is_zero_exactly_where_clipped():
   w = jax.random.normal(jax.random.key(1), (4096,)) * 2.0
   spec = jq.QuantSpec("int4", block_size="tensor", scaling="rms")
   grad = jax.grad(lambda v: jnp.sum(jq.fake_quantise(v, spec) * 3.0))(w)
-  # Independent reference: s = RMS·√3/8 rounded to bf16; INT4 spans [-8 s, 7 s].
+  # Independent reference: the exact scale s = RMS·√3/8; INT4 spans [-8 s, 7 s].
   wn = np.asarray(w, np.float64)
-  s = np.float32(np.sqrt(np.mean(wn**2)) * np.sqrt(3) / 8).astype(ml_dtypes.bfloat16).astype(np.float64)
+  s = np.sqrt(np.mean(wn**2)) * np.sqrt(3) / 8
   inside = (wn >= -8 * s) & (wn <= 7 * s)
   assert 0 < (~inside).sum() < 0.2 * w.size
   np.testing.assert_array_equal(np.asarray(grad), np.where(inside, 3.0, 0.0))
+
+
+@pytest.mark.parametrize("name", ["int4", "crd-t5-signmax-4b"])
+def test_signmax_gradient_is_zero_where_the_other_end_clips(name):
+  # Signmax puts each block's signed extreme on the format's end of larger magnitude; an
+  # asymmetric format then clips on the other side (INT4: +8s -> 7s; CRD signmax: no -1).
+  w = jax.random.normal(jax.random.key(2), (64, 64))
+  spec = jq.QuantSpec(name, scaling="signmax", block_size=64, axis=0, scale_dtype="float32")
+  grad = jax.grad(lambda v: jnp.sum(jq.fake_quantise(v, spec)))(w)
+  values = np.asarray(spec.format.values)
+  end = values[0] if -values[0] > values[-1] else values[-1]
+  wn = np.asarray(w, np.float64)
+  extreme = wn[np.abs(wn).argmax(0), np.arange(64)]
+  low, high = np.sort(np.stack([extreme / end * values[0], extreme / end * values[-1]]), axis=0)
+  inside = (wn >= low * (1 + 1e-6)) & (wn <= high * (1 + 1e-6))
+  assert 0 < (~inside).sum() < 0.1 * w.size
+  np.testing.assert_array_equal(np.asarray(grad), np.where(inside, 1.0, 0.0))
 
 
 def test_absmax_gradient_is_the_identity():

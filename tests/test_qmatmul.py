@@ -98,7 +98,7 @@ def test_backward_pass_keeps_no_float_weight():
 
 
 def test_auto_is_xla_on_cpu():
-  x, q, _ = make(2, 1024, 32, 4)  # 4 chunks of 256 rows: a loop
+  x, q, _ = make(2, 1024, 2048, 4)  # 2M weights: slabs of 512 rows of K, a loop
   jaxpr = str(jax.make_jaxpr(lambda a: jq.qmatmul(a, q))(x))
   assert "scan" in jaxpr and "pallas_call" not in jaxpr  # fori_loop with a static count
 
@@ -108,8 +108,6 @@ def test_auto_is_xla_on_cpu():
     (lambda x, q: jq.qmatmul(x.astype(jnp.int32), q), TypeError, "dtype"),
     (lambda x, q: jq.qmatmul(x[:, :10], q), ValueError, "last axis"),
     (lambda x, q: jq.qmatmul(x, q.dequantise()), TypeError, "QuantisedArray"),
-    (lambda x, q: jq.qmatmul(x, jq.quantise(q.dequantise(), jq.QuantSpec("nf4"))), ValueError,
-     "axis=0"),
 ])
 def test_bad_input(call, error, match):
   x, q, _ = make(2, 128, 32, 4)

@@ -116,7 +116,7 @@ def test_layers_have_readable_paths_for_quantisation_rules(tiny):
   paths = {"/".join(map(str, path)) for path, module in nnx.iter_modules(model)
            if isinstance(module, (nnx.Linear, nnx.Embed))}
   assert paths == {"embed"} | {f"layers/{i}/{name}" for i in range(2) for name in names}
-  jq.nnx.quantise_model(model, [jq.Rule(r"layers/1/.*", jq.QuantSpec("nf4", block_size=16))])
+  model = jq.nnx.quantise_model(model, [jq.Rule(r"layers/1/.*", jq.QuantSpec("nf4", block_size=16))])
   quantised = {"/".join(map(str, path)) for path, module in nnx.iter_modules(model)
                if isinstance(module, jq.nnx.QLinear)}
   assert quantised == {f"layers/1/{name}" for name in names}
@@ -257,15 +257,15 @@ def test_cache_decoding_matches_the_full_forward_on_the_real_model(real, referen
 
 
 @pytest.mark.slow
-def test_nf4_layers_lose_a_plausible_kl_through_qmatmul(real, reference_logits, eval_ids,
-                                                        monkeypatch):
-  calls, qmatmul = [], jq.nnx.qmatmul
+def test_nf4_layers_lose_a_plausible_kl_through_the_packed_contraction(
+    real, reference_logits, eval_ids, monkeypatch):
+  calls, dot_general = [], jq.contraction.dot_general
 
   def counted(*args, **kwargs):
     calls.append(1)
-    return qmatmul(*args, **kwargs)
+    return dot_general(*args, **kwargs)
 
-  monkeypatch.setattr(jq.nnx, "qmatmul", counted)
+  monkeypatch.setattr(jq.contraction, "dot_general", counted)
   model = jq.nnx.quantise_model(nnx.clone(real[0]),
                                 [jq.Rule(r"layers/.*", jq.QuantSpec("nf4", block_size=64))])
   logits = jax.jit(lambda m, i: m(i))(model, eval_ids)

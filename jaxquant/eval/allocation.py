@@ -24,7 +24,7 @@ Typical use, with `fisher` from `jaxquant.eval.fisher.diagonal_fisher`:
   offsets = fisher_offsets(rms, by_layer(tensor_means(fisher)))
   bits = distribute(offsets, sizes, 4.0, integer=True)
   rules = allocation_rules(bits, lambda path, b: jq.QuantSpec(f"int{b}"))
-  jq.nnx.quantise_model(model, rules)
+  quantised = jq.nnx.quantise_model(model, rules)
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ Lloyd–Max codebooks, the step of an entropy-coded grid), and the report record
   SmolLM2: top-128 next-token KL to the float model, in nats);
 - the on-device bytes of the weights as held for inference (`on_device_size_in_bytes`).
 
-Fixed-length families run through `jaxquant.nnx.quantise_model` (QLinear, `qmatmul`).
+Fixed-length families run through `jaxquant.nnx.quantise_model` (QLinear, the packed
+contraction); formats of one bit width share one compiled forward (no format is static
+metadata).
 Variable-length ones (Orr et al. 2025, §4 items 8–9) hold each weight as a decoded
 `QuantisedArray`, plus the sparse outliers where there are any, and the model runs on their
 reconstruction. A bit allocation (`flat`, `heuristic` or `fisher`, Orr et al. 2025 §5) gives
@@ -126,7 +128,7 @@ def _entropy_grid(coder):
   """Tensor RMS + an odd uniform grid whose ideal-coded rate meets the bits; `coder` sizes it."""
   def encode(w, bits, block_size):
     del block_size
-    _, spec = entropy.fit_grid(w, bits, scaling="rms", axis=0)
+    _, spec = jq.fitting.fit_grid(w, bits, scaling="rms", axis=0)
     q = jq.quantise(w, spec)
     size = entropy.coded_size(q)[f"{coder}_bits_per_param"] * q.size
     return Stored(q.dequantise(jnp.float32), size, _device_bytes(q))
@@ -254,9 +256,9 @@ def run_report(task: Task, format_names: Sequence[str], bits_list: Sequence[floa
           measured = _store_variable(model, kernels, choice, layer_bits, block_size, progress)
         if measured is None:
           continue  # the family has no format at some width (NF4/SF4 are 4-bit only)
-        storage, errors, device_bytes = measured
+        model, storage, errors, device_bytes = measured
         sizes = [w.size for w in kernels.values()]
-        scores = task.score(_shared_compilation(model))
+        scores = task.score(model)
         if task.fisher is not None:
           scores["predicted KL"] = _predicted_kl(task.fisher(), kernels, errors)
         rows.append(Row(
@@ -288,7 +290,7 @@ def _layer(model, path):
 
 
 def _quantise_fixed(model, kernels, choice, layer_bits, block_size, progress):
-  """Quantises `model` in place through `quantise_model`: (storage bits, errors, bytes)."""
+  """`model` quantised through `quantise_model`: (model, storage bits, errors, bytes)."""
   specs = {}
   for path, w in kernels.items():
     if progress is not None:
@@ -297,17 +299,19 @@ def _quantise_fixed(model, kernels, choice, layer_bits, block_size, progress):
     if spec is None:
       return None
     specs[path] = spec
-  jq.nnx.quantise_model(model, [jq.Rule(re.escape(path), spec) for path, spec in specs.items()])
+  model = jq.nnx.quantise_model(
+      model, [jq.Rule(re.escape(path), spec) for path, spec in specs.items()])
   storage, errors = 0, []
   for path in kernels:
     q = _layer(model, path).kernel.get_value()
     errors.append(float(jq.metrics.relative_rmse(kernels[path], q.dequantise())))
     storage += q.storage_bits
-  return storage, errors, jq.nnx.quantised_bytes(model)
+  return model, storage, errors, jq.nnx.quantised_bytes(model)
 
 
 def _store_variable(model, kernels, choice, layer_bits, block_size, progress):
-  """Sets `model`'s kernels to their stored reconstructions: (storage bits, errors, bytes)."""
+  """`model` with its kernels set to their stored reconstructions, in place: (model, storage
+  bits, errors, bytes)."""
   storage, errors, device_bytes = 0.0, [], 0
   for path, w in kernels.items():
     if progress is not None:
@@ -318,20 +322,7 @@ def _store_variable(model, kernels, choice, layer_bits, block_size, progress):
     device_bytes += stored.device_bytes
     # A new Param: the merged model shares its Variables with the float state of the report.
     _layer(model, path).kernel = nnx.Param(stored.reconstruction.astype(w.dtype))
-  return storage, errors, device_bytes
-
-
-def _shared_compilation(model):
-  """The model with its packed weights' format names and scalings blanked, in place.
-
-  Both are static pytree metadata, so a jitted forward would recompile for every format;
-  neither enters the computation (the codebook and the scales are array leaves), so blanking
-  them lets formats of one bit width share one compiled forward.
-  """
-  for _, variable in nnx.to_flat_state(nnx.state(model, jq.nnx.QuantisedWeight)):
-    q = variable.get_value()
-    variable.set_value(dataclasses.replace(q, format_name="report", scaling="absmax"))
-  return model
+  return model, storage, errors, device_bytes
 
 
 def render(task: Task, rows: Sequence[Row]) -> str:

@@ -26,7 +26,7 @@ EXAMPLES = ("nf4", "sf4", "int4", "int3-sym", "e2m1", "fp4", "e3m0",
             "grid15-max1", "lut2:-1,-0.3,0.3,1")
 
 
-def parse(name: str) -> Format:
+def parse(name: str, *, block_size: int | None = None) -> Format:
   """Builds the format a name describes; every `Format.name` parses back to an equal format.
 
   Accepted names (case-insensitive):
@@ -34,9 +34,14 @@ def parse(name: str) -> Format:
     - ``int{b}`` (two's complement), ``int{b}-sym`` (half-integers);
     - ``e{E}m{M}`` floating point, and the aliases ``fp4`` (e2m1), ``fp6`` (e2m3), ``fp8`` (e4m3);
     - ``crd-{normal|laplace|t<ν>}-{rms|absmax|signmax}[-{sym|asym}]-{b}b[-B{block}]``: a
-      cube-root-density format; the mode defaults as in `crd_format` and the block size to 64;
+      cube-root-density format; the mode defaults as in `crd_format`, the block size to
+      `block_size`, else 64;
     - ``grid{n}[-max{m}]``: a uniform grid;
     - ``lut{b}[-{scaling}][-B{block}]:v0,v1,...``: an explicit codebook (e.g. from Lloyd–Max).
+
+  Args:
+    name: the format's name.
+    block_size: the block size for names that leave it open (a CRD name without ``-B``).
 
   Raises:
     ValueError: naming the input and listing examples of valid names.
@@ -62,7 +67,7 @@ def parse(name: str) -> Format:
     family = "t" if match["df"] else match["family"]
     return crd_format(
         family, int(match["bits"]), scaling=match["scaling"],
-        block_size=int(match["block"] or 64),
+        block_size=int(match["block"] or block_size or 64),
         symmetric=None if match["mode"] is None else match["mode"] == "sym",
         df=float(match["df"]) if match["df"] else None)
   if match := _LUT.fullmatch(text):

@@ -1,20 +1,32 @@
-"""`qmatmul`: activations times a packed quantised weight, with a choice of backend.
+"""Activations contracted with a packed `QuantisedArray`, by a choice of backend.
 
-Backends (each has a pure-jnp definition beside it, and tests compare them with "reference"):
+`contract(x, q, contraction, backend)` is `lax.dot_general(x, W, ...)` in float32 for the
+weight W that `q` represents, for any `Contraction` (`jaxquant.kernels.dimensions`).
+Backends, each with a pure-jnp definition beside it (tests compare them with "reference"):
 
 - ``"reference"``: dequantise the weight, then one dense float32 dot (the oracle).
-- ``"xla"``: a loop over K chunks that unpacks, looks up, scales and accumulates one tile at a
-  time; the path for CPUs (`jaxquant.kernels.xla`).
-- ``"pallas"``: the Pallas kernel for the platform: Triton on GPU (`pallas_gpu`), Mosaic on
-  TPU (`pallas_tpu`); on CPU the GPU kernel runs with ``interpret=True`` (slow; for tests).
-- ``"auto"``: Pallas on GPU/TPU while the weight stream dominates (small M), dequantise and a
-  dense dot beyond; ``"xla"`` on CPU. Only "auto" ever falls back: a named backend that cannot
-  run raises.
+- ``"xla"``: a loop over slabs of the weight that unpacks, looks up, scales and contracts one
+  slab at a time, for every contraction (`jaxquant.kernels.xla`); the path for CPUs.
+- ``"pallas"``: the platform's Pallas kernel for x[M, K] @ W[K, N] (Triton on GPU,
+  `pallas_gpu`; Mosaic on TPU, `pallas_tpu`; on CPU the GPU kernel in interpret mode, for
+  tests). It takes contractions that are that product without moving a code: W contracted
+  on its packed axis 0 alone, no batch axes (W's other axes are flattened into N).
+- ``"auto"``: on CPU ``"xla"``. On GPU and TPU the Pallas kernel while the weight stream
+  dominates (M ≤ `AUTO_PALLAS_MAX_M`, a contraction the kernel takes), else dequantise and
+  one dense dot; when the kernel refuses a weight (per-channel scales, a block size it does
+  not take) auto says why, once, and dequantises. A named backend never falls back: one that
+  cannot run raises.
+
+The custom VJP differentiates with respect to x only: the cotangent is the same kind of
+contraction of g with W (`Contraction.transposed`), computed from the packed weight, so no float
+copy of W is kept for the backward pass. The packed weight is a constant (zero cotangent).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -22,129 +34,136 @@ import numpy as np
 
 from jaxquant import scaling
 from jaxquant.kernels import reference, xla
-from jaxquant.kernels.lookup import padded_codebook
-from jaxquant.outliers import OutlierQuantisedArray
+from jaxquant.kernels.dimensions import Contraction
 from jaxquant.qarray import QuantisedArray, dequantise
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
-ACTIVATION_DTYPES = ("float32", "bfloat16")
+PALLAS_ACTIVATION_DTYPES = ("float32", "bfloat16")
 # Largest M for which "auto" uses the Pallas kernel. GPU: measured on an H200 (RESULTS.md,
 # 2026-11-28), the Triton GEMV beats dequantise + dot at M = 1 (1.3-2.0× at K = N = 8192) and
 # the GEMM loses to it from M = 16 on. TPU: where the 4-bit weight stream stops dominating
 # (kernels.md §2.2: M_crit ≈ 64 on v5e at 4.25 bits); not yet measured.
 AUTO_PALLAS_MAX_M = {"gpu": 8, "tpu": 64}
+_SAID = set()
 
 
-def qmatmul(x: jax.Array, q: QuantisedArray | OutlierQuantisedArray, *,
-            backend: str = "auto") -> jax.Array:
-  """x[..., K] @ W[K, N] for a weight quantised with blocks along K (``axis=0``).
-
-  Differentiable with respect to `x` (a custom VJP computes g @ Wᵀ chunk by chunk from the
-  packed weight, so no float copy of W is kept for the backward pass). The quantised weight
-  is a constant: its gradient is zero (train float master weights with `fake_quantise`).
-
-  With sparse outliers (Orr et al. 2025, §4 item 9), W = dequantise(dense) + S and the dense
-  product (by `backend`) gets the sparse correction (x S)[m, n] = Σ_{j: n_j = n} x[m, k_j] v_j,
-  (k_j, n_j) = divmod(indices_j, N), added in float32: O(M · n_outliers) work, no dense S.
-
-  Args:
-    x: activations, float32 or bfloat16, last axis K = q.shape[0].
-    q: a 2-D `QuantisedArray` quantised along axis 0 (any format of 1–8 bits, any scaling
-      and scale storage), or an `OutlierQuantisedArray` whose dense part is one.
-    backend: one of ``"auto"``, ``"reference"``, ``"xla"``, ``"pallas"``.
-
-  Returns:
-    x @ W with shape ``x.shape[:-1] + (N,)`` in x's dtype (accumulated in float32).
-
-  Example:
-    >>> import jax, jax.numpy as jnp, jaxquant as jq
-    >>> w = jax.random.normal(jax.random.key(0), (256, 128))
-    >>> q = jq.quantise(w, jq.QuantSpec("nf4", axis=0))
-    >>> x = jnp.ones((2, 256))
-    >>> y = jq.qmatmul(x, q)
-    >>> y.shape, bool(jnp.allclose(y, x @ q.dequantise(), rtol=1e-4, atol=1e-3))
-    ((2, 128), True)
-  """
+def check_backend(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"{backend=} is not one of {BACKENDS}")
-  outliers = None
-  if isinstance(q, OutlierQuantisedArray):
-    q, outliers = q.dense, q
-  if not isinstance(q, QuantisedArray):
-    raise TypeError(
-        f"q must be a QuantisedArray or an OutlierQuantisedArray, got {type(q).__name__}")
-  if q.ndim != 2 or q.axis != 0:
-    raise ValueError(
-        f"q must be a 2-D weight [K, N] quantised along axis 0 (the contraction axis); got "
-        f"shape {q.shape} with axis={q.axis}: quantise with QuantSpec(..., axis=0)")
-  x = jnp.asarray(x)
-  if jnp.dtype(x.dtype).name not in ACTIVATION_DTYPES:
-    raise TypeError(f"x has dtype {jnp.dtype(x.dtype).name}; qmatmul takes {ACTIVATION_DTYPES}")
-  if x.ndim < 1 or x.shape[-1] != q.shape[0]:
-    raise ValueError(f"x has shape {x.shape}; its last axis must be K = {q.shape[0]}")
-  rows = x.reshape(-1, q.shape[0])
-  y = _qmatmul(rows, q, backend)
-  if outliers is not None:
-    y = (y.astype(jnp.float32) + _sparse_correction(rows, outliers)).astype(x.dtype)
-  return y.reshape(x.shape[:-1] + (q.shape[1],))
+  return backend
 
 
-def _sparse_correction(x: jax.Array, q: OutlierQuantisedArray) -> jax.Array:
-  """x[M, K] @ S[K, N] in float32 for the outliers S of `q`, scattered by output column."""
-  k, n = jnp.divmod(q.indices, q.shape[1])
-  products = x[:, k].astype(jnp.float32) * q.values.astype(jnp.float32)[None, :]
-  return jnp.zeros((x.shape[0], q.shape[1]), jnp.float32).at[:, n].add(products)
+def contract(x: jax.Array, q: QuantisedArray, contraction: Contraction,
+             backend: str = "auto") -> jax.Array:
+  """`lax.dot_general(x, W, contraction.dimension_numbers)` in float32 for the packed W."""
+  return _contract(x, q, contraction, check_backend(backend), jnp.dtype(x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _qmatmul(x, q, backend):
-  return _forward(x, q, backend).astype(x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _contract(x, q, contraction, backend, x_dtype):
+  del x_dtype
+  return _forward(x, q, contraction, backend)
 
 
-def _qmatmul_fwd(x, q, backend):
-  return _qmatmul(x, q, backend), q
+def _contract_fwd(x, q, contraction, backend, x_dtype):
+  return _contract(x, q, contraction, backend, x_dtype), q
 
 
-def _qmatmul_bwd(backend, q, g):
-  transposed = (reference.qmatmul_transposed_reference if backend == "reference"
-                else xla.qmatmul_transposed_xla)
-  grad_x = transposed(g, q).astype(g.dtype)
+def _contract_bwd(contraction, backend, x_dtype, q, g):
+  grad_x = contract_transposed(g, q, contraction, backend).astype(x_dtype)
   zero = lambda leaf: (np.zeros(leaf.shape, jax.dtypes.float0)
                        if not jnp.issubdtype(leaf.dtype, jnp.inexact) else jnp.zeros_like(leaf))
   return grad_x, jax.tree_util.tree_map(zero, q)
 
 
-_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+_contract.defvjp(_contract_fwd, _contract_bwd)
 
 
-def _forward(x, q, backend):
+def contract_transposed(g: jax.Array, q: QuantisedArray, contraction: Contraction,
+                        backend: str = "auto") -> jax.Array:
+  """The cotangent of x for `contract(x, q, contraction)` and output cotangent `g` (float32).
+
+  The product is not the kernel's x @ W, so a "pallas" forward is differentiated by "auto".
+  """
+  backward, to_x = contraction.transposed()
+  backend = "auto" if backend == "pallas" else backend
+  return jnp.transpose(_forward(g, q, backward, backend), to_x)
+
+
+def _forward(x, q: QuantisedArray, contraction: Contraction, backend: str) -> jax.Array:
   if backend == "reference":
-    return reference.qmatmul_reference(x, q)
+    return reference.dot_general_reference(x, q, contraction)
   if backend == "xla":
-    return xla.qmatmul_xla(x, q)
+    return xla.dot_general_xla(x, q, contraction)
   if backend == "pallas":
-    return qmatmul_pallas(x, q)
+    return _pallas(x, q, contraction)
   platform = jax.default_backend()
-  if platform in AUTO_PALLAS_MAX_M:
-    if x.shape[0] <= AUTO_PALLAS_MAX_M[platform]:
-      try:
-        return qmatmul_pallas(x, q)
-      except NotImplementedError:
-        return xla.qmatmul_xla(x, q)
-    return jnp.dot(x, dequantise(q, x.dtype), preferred_element_type=jnp.float32)
-  return xla.qmatmul_xla(x, q)
+  if platform not in AUTO_PALLAS_MAX_M:
+    return xla.dot_general_xla(x, q, contraction)
+  if _is_kernel_product(q, contraction) and _rows(x, contraction) <= AUTO_PALLAS_MAX_M[platform]:
+    try:
+      return _pallas(x, q, contraction)
+    except NotImplementedError as error:
+      _say_once(f"backend='auto' dequantises the weight and uses a dense dot on {platform}: "
+                f"{error}")
+  return jax.lax.dot_general(x, dequantise(q).astype(x.dtype), contraction.dimension_numbers,
+                             preferred_element_type=jnp.float32)
+
+
+def _say_once(message: str) -> None:
+  if message not in _SAID:
+    _SAID.add(message)
+    warnings.warn(message, stacklevel=4)
+
+
+def _is_kernel_product(q: QuantisedArray, contraction: Contraction) -> bool:
+  """W contracted on its packed axis 0 alone with no batch axes: x[M, K] @ W[K, N]."""
+  return q.axis == 0 and contraction.w_contracting == (0,) and not contraction.w_batch
+
+
+def _rows(x: jax.Array, contraction: Contraction) -> int:
+  return math.prod(x.shape[a] for a in contraction.x_free)
+
+
+def _pallas(x, q: QuantisedArray, contraction: Contraction) -> jax.Array:
+  if not _is_kernel_product(q, contraction):
+    raise NotImplementedError(
+        "the Pallas kernels compute x[M, K] @ W[K, N] for a weight contracted on its packed "
+        f"axis 0 alone; this contraction ({contraction.dimension_numbers} with the weight "
+        f"quantised along axis {q.axis}) is not one: use backend 'xla' or 'auto'")
+  k_axis = contraction.x_contracting[0]
+  rows = jnp.moveaxis(x, k_axis, -1)
+  matrix = as_matrix(q)
+  y = qmatmul_pallas(rows.reshape(-1, q.shape[0]), matrix)
+  return y.reshape(rows.shape[:-1] + q.shape[1:])
+
+
+def as_matrix(q: QuantisedArray) -> QuantisedArray:
+  """`q` [K, F...] viewed as [K, ∏F] (a reshape of the trailing axes: no code moves)."""
+  if q.ndim == 2:
+    return q
+  n = math.prod(q.shape[1:])
+  return QuantisedArray(
+      codes=q.codes.reshape(q.codes.shape[0], n), scales=q.scales.reshape(q.scales.shape[0], -1),
+      codebook=q.codebook, scale_scales=q.scale_scales, shape=(q.shape[0], n), dtype=q.dtype,
+      axis=0, block_size=q.block_size, bits=q.bits, granularity=q.granularity,
+      layout=q.layout, layout_version=q.layout_version)
 
 
 def qmatmul_pallas(x: jax.Array, q: QuantisedArray) -> jax.Array:
-  """The platform's Pallas kernel (interpret mode on CPU); float32 result.
+  """The platform's Pallas kernel for x[M, K] @ W[K, N] (interpret mode on CPU); float32.
 
   Raises:
-    NotImplementedError: the weight has one scale per channel or per tensor, or a block size
-      the kernel does not take (the kernels take blocks along K of 32, 64 or 128).
+    NotImplementedError: the kernel does not take this weight or these activations: scales
+      per channel or per tensor, a block size that is not a power of two ≥ 32, or
+      activations that are not float32 or bfloat16.
   """
   if q.granularity != "block":
     raise NotImplementedError(
         f"the Pallas kernels take block scales; this weight has {q.granularity} scales")
+  if jnp.dtype(x.dtype).name not in PALLAS_ACTIVATION_DTYPES:
+    raise NotImplementedError(f"the Pallas kernels take {PALLAS_ACTIVATION_DTYPES} "
+                              f"activations, not {jnp.dtype(x.dtype).name}")
   platform = jax.default_backend()
   if platform == "tpu":
     from jaxquant.kernels.pallas_tpu import qmatmul_pallas_tpu as kernel  # pylint: disable=import-outside-toplevel
@@ -157,5 +176,5 @@ def qmatmul_pallas(x: jax.Array, q: QuantisedArray) -> jax.Array:
   else:
     scales = scaling.decode_scales(q.scales, q.scale_scales)
   scales = jnp.pad(scales, ((0, k_stored // q.block_size - scales.shape[0]), (0, 0)))
-  return kernel(x, q.codes, scales, padded_codebook(q.codebook, q.bits), bits=q.bits,
-                block_size=q.block_size, interpret=platform == "cpu")
+  return kernel(x, q.codes, scales, q.codebook, bits=q.bits, block_size=q.block_size,
+                interpret=platform == "cpu")

@@ -24,10 +24,3 @@ def select_lookup(codes: jax.Array, codebook, bits: int) -> jax.Array:
     bit = jnp.bitwise_and(jnp.right_shift(codes, jnp.uint32(level)), jnp.uint32(1)) != 0
     values = [jnp.where(bit, values[2 * i + 1], values[2 * i]) for i in range(len(values) // 2)]
   return jnp.broadcast_to(values[0], codes.shape)
-
-
-def padded_codebook(codebook: jax.Array, bits: int) -> jax.Array:
-  """The codebook padded with its last value to exactly 2**bits float32 entries."""
-  codebook = jnp.asarray(codebook, jnp.float32)
-  pad = 2**bits - codebook.shape[0]
-  return jnp.concatenate([codebook, jnp.broadcast_to(codebook[-1:], (pad,))]) if pad else codebook

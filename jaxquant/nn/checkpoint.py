@@ -10,14 +10,14 @@ A checkpoint is a local directory holding two entries:
   leaves, so without this file a checkpoint could not say how its codes are packed::
 
     {
-      "format_version": 1,
+      "format_version": 2,
       "jaxquant_version": "0.1.0",
       "packing": {"layout": "bitstream-u32", "layout_version": 1},
       "leaves": {
         "down/bias": {"shape": [256], "dtype": "float32", "sha256": "…"},
         "down/kernel": {
-          "quantised_array": {"format_name": "nf4", "bits": 4, "block_size": 64,
-                              "axis": 0, "scaling": "absmax", "granularity": "block",
+          "quantised_array": {"bits": 4, "block_size": 64, "axis": 0,
+                              "granularity": "block",
                               "shape": [512, 256], "dtype": "float32",
                               "layout": "bitstream-u32", "layout_version": 1},
           "arrays": {"codes": {"shape": [64, 256], "dtype": "uint32", "sha256": "…"},
@@ -65,11 +65,11 @@ from jaxquant.qarray import QuantisedArray
 
 __all__ = ["FORMAT_VERSION", "read_metadata", "restore", "save"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: QuantisedArray has no format_name or scaling; codebooks have 2**bits
 
 _ARRAYS = "arrays"
 _METADATA = "jaxquant.json"
-_STATIC_FIELDS = ("format_name", "bits", "block_size", "axis", "scaling", "granularity",
+_STATIC_FIELDS = ("bits", "block_size", "axis", "granularity",
                   "shape", "dtype", "layout", "layout_version")
 _PARTS = ("codes", "scales", "codebook", "scale_scales")
 _ARRAY_KEYS = {"shape", "dtype", "sha256"}

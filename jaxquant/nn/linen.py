@@ -1,42 +1,36 @@
-"""Flax Linen layers with packed quantised kernels, and quantised serving of unmodified models.
+"""Flax Linen: packed weights in any model's params, and quantised serving of unmodified models.
 
-A dense layer computes y = x W + b with W[K, N] stored as a `QuantisedArray` in blocks of B
-along the contraction axis (``axis=0``): W[k, n] ≈ s[⌊k/B⌋, n] · c[code[k, n]] for the block
-scales s and the codebook c, and `qmatmul` evaluates x W from the packed codes. A DenseGeneral
-layer contracting the input axes I into the output features F is the same product after
-flattening both sides row-major:
+`quantise_params(params, rules)` returns a copy of a ``params`` tree with the weights that
+`rules` select replaced by `QuantisedArray`s of the same shape (or, with ``mode="qat"``,
+`jaxquant.qat.FakeQuantised` float master weights). Which leaves are weights, and the axis each
+is quantised along, comes from one of two places:
 
-    y[..., f] = Σ_{i ∈ I} x[..., i] · W[i, f] = (x reshaped to [..., K]) @ W[K, N],
-    K = ∏ x.shape[I],  N = ∏ F,
+- ``model=`` and ``inputs=``: the model is traced once, abstractly
+  (`jaxquant.interception.discover`): every parameter it contracts or gathers from is a weight
+  (`jaxquant.nn.weights`), whatever module holds it and however its code reaches it: custom
+  modules calling `jnp.einsum` on ``self.param("w", ...)`` (Google's gemma style), kernels
+  stored [out, in] and contracted by `lax.dot_general` (Hugging Face's Flax style), tied
+  embeddings used as a gather and as the head.
+- Without them, the tree's structure: every ``kernel`` leaf of ndim ≥ 2, with Flax's
+  Dense/DenseGeneral layout in_axes + features (the number of feature axes is the bias's
+  ndim, else 1 for a 2-D kernel, else ``feature_ndims[path]``), contracted over its input
+  axes.
 
-so its kernel is stored as a 2-D [K, N] `QuantisedArray` (the layer knows I and F, and
-reshapes its input and output to match).
+`quantised_apply(model, variables, *args, **kwargs)` is ``model.apply(variables, ...)`` with
+the quantised params, for the unmodified model: its code runs under interception
+(`jaxquant.interception.call`), so each contraction of a weight is computed from the packed
+codes. `QDense` and `QDenseGeneral` are Linen modules whose params hold the weight; they
+compute through `jaxquant.contraction` directly and apply params that `quantise_params` made
+from `nn.Dense` / `nn.DenseGeneral` (the same layout).
 
-Linen's `nn.Dense` cannot hold such a kernel: it reads it with ``self.param``, which checks
-the stored value's shapes against a fresh float kernel and raises `ScopeParamShapeError`, and
-injecting a ``dot_general`` changes the product but not what is stored. Hence two routes:
-
-- `QDense` and `QDenseGeneral`: Linen modules whose ``params`` hold the `QuantisedArray`. They
-  initialise a float kernel (lecun-normal, as Flax does) and quantise it with `spec`, or apply
-  params converted from a float model.
-- `quantise_params` converts a float param tree by `Rule`s, and `quantised_apply` (or the
-  `quantised_dense` context manager, a `flax.linen.intercept_methods` interceptor) runs an
-  existing, unmodified model on it: every `nn.Dense` / `nn.DenseGeneral` call whose ``kernel``
-  is a `QuantisedArray` computes the quantised product instead, reading the variable with
-  ``get_variable`` so that ``self.param`` never sees it. Both routes share one forward and one
-  param layout, so converted params also apply to a model written with `QDense`.
-
-The output dtype follows Linen: the layer's ``dtype``, else the promotion of the input, kernel
-and bias dtypes. The product accumulates in float32 (Linen's ``precision`` has no effect).
+The output dtype follows the model's own code (interception) or, for `QDense` and
+`QDenseGeneral`, the layer's ``dtype``, else the promotion of the input, kernel and bias
+dtypes; products accumulate in float32.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -44,27 +38,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.kernels import BACKENDS, qmatmul
+from jaxquant import contraction, interception, kernels
+from jaxquant.nn import weights as weights_lib
 from jaxquant.nn.rules import Rule, assign, check_rules
-from jaxquant.qarray import QuantisedArray, QuantSpec, quantise
+from jaxquant.qarray import QuantSpec, as_spec
+from jaxquant.qat import FakeQuantised
 
 Initializer = Callable[..., jax.Array]
 
 
 class QDense(nn.Module):
-  """`nn.Dense` with a packed quantised kernel: y = x W + b, computed by `qmatmul`.
+  """`nn.Dense` with a weight kernel [K, N] (packed, or fake-quantised for QAT).
 
-  ``params`` hold ``kernel``, a [K, N] `QuantisedArray` quantised along axis 0, and ``bias``,
-  a float [N] array. `init` draws a float kernel with `kernel_init` and quantises it with
-  `spec`; `apply` also takes params that `quantise_params` converted from an `nn.Dense`.
+  ``params`` hold ``kernel``, a [K, N] weight quantised along K, and ``bias``, a float [N]
+  array. `init` draws a float kernel with `kernel_init` and quantises it with `spec`; `apply`
+  also takes params that `quantise_params` converted from an `nn.Dense`.
 
   Attributes:
     features: N, the number of output features.
     use_bias: whether to add a bias.
     dtype: the computation and output dtype (default: promote the input, kernel and bias).
-    backend: the `qmatmul` backend.
-    spec: the `QuantSpec` `init` quantises with (its axis is taken as 0); not needed to
-      apply existing params.
+    backend: the `jaxquant.kernels` backend.
+    spec: the `QuantSpec` `init` quantises with (blocks along K whatever its axis); not
+      needed to apply existing params.
     param_dtype: the dtype of the float kernel before quantising, and of the bias.
     kernel_init: initialiser of the float kernel (default lecun-normal, as `nn.Dense`).
     bias_init: initialiser of the bias.
@@ -93,33 +89,32 @@ class QDense(nn.Module):
     inputs = jnp.asarray(inputs)
     if inputs.ndim < 1:
       raise ValueError("inputs must have at least one axis")
-    kernel = _quantised_kernel(self, (inputs.shape[-1], self.features))
+    kernel = _weight(self, (inputs.shape[-1], self.features), 0)
     bias = self.param("bias", self.bias_init, (self.features,),
                       self.param_dtype) if self.use_bias else None
-    return _forward(inputs, kernel, bias, (-1,), (self.features,), self.dtype, self.backend)
+    return _dense(inputs, kernel, bias, (inputs.ndim - 1,), self.dtype, self.backend)
 
 
 class QDenseGeneral(nn.Module):
-  """`nn.DenseGeneral` (without ``batch_dims``) with a packed quantised kernel.
+  """`nn.DenseGeneral` (without ``batch_dims``) with a weight kernel in_shape + features.
 
-  Contracts the input axes `axis` with a kernel stored as a 2-D [K, N] `QuantisedArray`,
-  K = ∏ inputs.shape[axis] and N = ∏ features (see the module docstring); the output has the
-  input's other axes, in order, followed by `features`. ``bias`` has shape `features`.
+  Contracts the input axes `axis` with the kernel's leading axes, as `nn.DenseGeneral`; the
+  output has the input's other axes, in order, followed by `features`. The kernel is quantised
+  along the input axis whose blocks need the least padding (`jaxquant.nn.weights.block_axis`).
 
   Attributes:
     features: an int or a tuple of ints, the output feature shape.
     axis: an int or a tuple of ints, the input axes to contract (in sorted order, as
       `nn.DenseGeneral`).
     use_bias, dtype, backend, spec, param_dtype, kernel_init, bias_init: as `QDense`;
-      `kernel_init` and `bias_init` draw the flat [K, N] kernel and [N] bias, as
-      `nn.DenseGeneral` does.
+      `kernel_init` draws the kernel as `nn.DenseGeneral` does (flat [K, N], reshaped).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxquant as jq
     >>> layer = QDenseGeneral((4, 8), axis=(-2, -1), spec=jq.QuantSpec("nf4", block_size=64))
-    >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 16, 8)))
-    >>> variables["params"]["kernel"].shape, layer.apply(variables, jnp.ones((2, 16, 8))).shape
-    ((128, 32), (2, 4, 8))
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 64, 8)))
+    >>> variables["params"]["kernel"].shape, layer.apply(variables, jnp.ones((2, 64, 8))).shape
+    ((64, 8, 4, 8), (2, 4, 8))
   """
 
   features: int | Sequence[int]
@@ -137,17 +132,18 @@ class QDenseGeneral(nn.Module):
     inputs = jnp.asarray(inputs)
     features = _as_tuple(self.features, "features")
     axis = _normalise_axes(_as_tuple(self.axis, "axis"), inputs.ndim)
-    k = math.prod(inputs.shape[a] for a in axis)
-    kernel = _quantised_kernel(self, (k, math.prod(features)))
+    in_shape = tuple(inputs.shape[a] for a in axis)
+    kernel = _weight(self, in_shape + features, weights_lib.block_axis(
+        in_shape, range(len(in_shape)), as_spec(self.spec).block_size if self.spec else 64))
     bias = None
     if self.use_bias:
       flat_bias_init = lambda rng, shape, dtype: self.bias_init(
-          rng, (math.prod(shape),), dtype).reshape(shape)
+          rng, (int(np.prod(shape)),), dtype).reshape(shape)
       bias = self.param("bias", flat_bias_init, features, self.param_dtype)
-    return _forward(inputs, kernel, bias, axis, features, self.dtype, self.backend)
+    return _dense(inputs, kernel, bias, axis, self.dtype, self.backend)
 
 
-def _quantised_kernel(module: QDense | QDenseGeneral, shape: tuple[int, int]) -> QuantisedArray:
+def _weight(module: QDense | QDenseGeneral, shape: tuple[int, ...], axis: int):
   """The module's stored kernel, or (in `init`) a float kernel drawn and quantised.
 
   A stored kernel is read with ``get_variable``: ``self.param`` would compare its leaves
@@ -160,40 +156,31 @@ def _quantised_kernel(module: QDense | QDenseGeneral, shape: tuple[int, int]) ->
         f"{type(module).__name__}.spec={module.spec!r}: initialising the kernel needs a "
         "QuantSpec (e.g. QuantSpec('nf4', block_size=64)); to apply converted params, pass "
         "them to apply() instead")
-  spec = _along_contraction(module.spec)
-  return module.param("kernel", lambda rng, shape: quantise(
-      module.kernel_init(rng, shape, module.param_dtype), spec), shape)
+
+  def init(rng, shape):
+    n_in = int(np.prod(shape[:len(shape) - _feature_count(module)]))
+    flat = module.kernel_init(rng, (n_in, int(np.prod(shape)) // n_in), module.param_dtype)
+    return weights_lib.prepare(flat.reshape(shape), module.spec, axis, "ptq")
+
+  return module.param("kernel", init, shape)
 
 
-def _along_contraction(spec: QuantSpec) -> QuantSpec:
-  """`spec` with blocks along the kernel's first (contraction) axis, whatever its axis."""
-  return spec if spec.axis == 0 else dataclasses.replace(spec, axis=0)
+def _feature_count(module) -> int:
+  return 1 if isinstance(module, QDense) else len(_as_tuple(module.features, "features"))
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "features", "dtype", "backend"))
-def _forward(inputs: jax.Array, kernel, bias: jax.Array | None, axis: tuple[int, ...],
-             features: tuple[int, ...], dtype, backend: str) -> jax.Array:
-  """x contracted over `axis` with the [K, N] quantised kernel, reshaped to `features`, + b.
-
-  Compiled as a whole, so that a model applied outside `jax.jit` dispatches one computation
-  per layer rather than one per operation.
-  """
-  if not isinstance(kernel, QuantisedArray):
-    raise TypeError(f"the kernel must be a QuantisedArray, got {type(kernel).__name__}; "
-                    "convert float params with quantise_params")
-  axis = _normalise_axes(axis, inputs.ndim)
-  k = math.prod(inputs.shape[a] for a in axis)
-  if kernel.shape != (k, math.prod(features)):
+def _dense(inputs, kernel, bias, axis: tuple[int, ...], dtype, backend: str) -> jax.Array:
+  """inputs contracted over `axis` with the kernel's leading axes, plus the bias."""
+  if kernel.shape[:len(axis)] != tuple(inputs.shape[a] for a in axis):
     raise ValueError(
         f"the kernel has shape {kernel.shape}, but inputs of shape {inputs.shape} contracted "
-        f"over axes {axis} into features {features} need [{k}, {math.prod(features)}]")
-  dtype = _result_dtype(dtype, inputs.dtype, kernel.dtype, *([] if bias is None else [bias.dtype]))
-  batch_ndim = inputs.ndim - len(axis)
-  x = jnp.moveaxis(inputs, axis, tuple(range(batch_ndim, inputs.ndim)))
-  x = x.reshape(x.shape[:batch_ndim] + (k,)).astype(dtype)
-  y = qmatmul(x, kernel, backend=backend).reshape(x.shape[:batch_ndim] + features)
+        f"over axes {axis} need leading axes {tuple(inputs.shape[a] for a in axis)}")
+  dtype = _result_dtype(dtype, inputs.dtype, kernel.dtype,
+                        *([] if bias is None else [bias.dtype]))
+  numbers = ((axis, tuple(range(len(axis)))), ((), ()))
+  y = contraction.dot_general(inputs.astype(dtype), kernel, numbers, backend=backend)
   if bias is not None:
-    y = y + bias.astype(dtype).reshape((1,) * batch_ndim + features)
+    y = y + bias.astype(dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
   return y
 
 
@@ -224,26 +211,28 @@ def _normalise_axes(axis: tuple[int, ...], ndim: int) -> tuple[int, ...]:
 
 
 def quantise_params(params: Mapping[str, Any], rules: Rule | Sequence[Rule], *,
+                    mode: str = "ptq", model: nn.Module | None = None,
+                    inputs: Sequence = (), input_kwargs: Mapping[str, Any] | None = None,
                     feature_ndims: Mapping[str, int] | None = None) -> dict[str, Any]:
-  """A copy of a float Linen param tree with the kernels the `rules` select quantised.
+  """A copy of a float Linen param tree with the weights the `rules` select quantised.
 
-  A layer is a mapping with an array ``kernel`` of ndim ≥ 2; its path is the '/'-joined keys
-  from the root (``"Dense_0"``, ``"encoder/layers_1/mlp"``). The first rule that fully
-  matches the path decides (see `jaxquant.nn.rules`): its spec, with ``axis=0``, quantises
-  the kernel, or spec None keeps it float; a `UserWarning` names rules that matched no layer.
-  A kernel of shape in_shape + features becomes a 2-D [∏ in_shape, ∏ features]
-  `QuantisedArray`; the layer (`nn.DenseGeneral` under `quantised_apply`, or
-  `QDenseGeneral`) reshapes around it, so nothing else is recorded. The number of feature
-  axes is the bias's ndim, else 1 for a 2-D kernel, else `feature_ndims[path]`.
-
-  The result is a new tree of plain dicts that shares every other leaf with `params` (no
-  float is copied) and holds no reference to a quantised kernel's float array.
+  A weight's path is the '/'-joined keys from the root of `params`
+  (``"layer_0/attn/q_einsum/w"``); a rule matches it or its module's path (``"Dense_0"``),
+  and the first match decides (`jaxquant.nn.rules`); spec None keeps it float, and a
+  `UserWarning` names rules that matched no weight. The result shares every other leaf with
+  `params` (no float is copied) and holds no reference to a quantised weight's float array.
 
   Args:
     params: the ``params`` collection of a Linen model (not the whole variables dict).
     rules: a `Rule` or a sequence of them.
-    feature_ndims: path → number of output-feature axes, for kernels of ndim > 2 without a
-      bias.
+    mode: ``"ptq"`` (`QuantisedArray`s) or ``"qat"`` (`FakeQuantised` master weights; train
+      them through `quantised_apply`, then `convert`).
+    model: the model, to find the weights by tracing it on `inputs` (module docstring).
+    inputs: example positional arguments of ``model.apply`` after the variables (arrays or
+      `jax.ShapeDtypeStruct`s; nothing is computed).
+    input_kwargs: example keyword arguments of ``model.apply`` (e.g. ``method=``).
+    feature_ndims: without `model`: path → number of output-feature axes, for kernels of
+      ndim > 2 without a bias.
 
   Returns:
     The converted tree, for `quantised_apply(model, {"params": tree}, ...)`.
@@ -251,7 +240,9 @@ def quantise_params(params: Mapping[str, Any], rules: Rule | Sequence[Rule], *,
   Raises:
     TypeError: `params` or `feature_ndims` is not a mapping, `rules` are not `Rule`s, or a
       selected kernel is not float.
-    ValueError: a selected kernel's feature axes are unknown or disagree with its bias.
+    ValueError: `mode` is unknown; without `model`, a selected kernel's feature axes are
+      unknown or disagree with its bias; with it, a selected weight is also used outside
+      contractions and gathers (the message names each).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
@@ -267,18 +258,35 @@ def quantise_params(params: Mapping[str, Any], rules: Rule | Sequence[Rule], *,
   if not isinstance(params, Mapping):
     raise TypeError(f"params must be a mapping (a Linen 'params' tree), got "
                     f"{type(params).__name__}")
+  if mode not in weights_lib.MODES:
+    raise ValueError(f"{mode=} is not one of {weights_lib.MODES}")
   rules = check_rules(rules)
-  feature_ndims = {} if feature_ndims is None else feature_ndims
-  if not isinstance(feature_ndims, Mapping):
-    raise TypeError(f"feature_ndims must be a mapping from layer path to int, got "
-                    f"{type(feature_ndims).__name__}")
-  specs, _ = assign(rules, [path for path, _ in _layers(params, "")])
+  if model is not None:
+    found = _traced_uses(params, model, tuple(inputs), dict(input_kwargs or {}))
+  else:
+    found = _structural_uses(params, feature_ndims)
+  specs, _ = assign(rules, [(path, path.rpartition("/")[0]) for path in found])
+  shapes = dict(_leaves(params))
+  selected = {path: weights_lib.classify(path, np.shape(shapes[path]), found[path],
+                                         as_spec(specs[path]).block_size)
+              for path in found if path in specs}
+  refused = [w for w in selected.values() if w.refusal is not None]
+  if refused:
+    raise weights_lib.refused(refused)
 
   def convert(tree, path):
-    new = {key: convert(value, _join(path, key)) if isinstance(value, Mapping) else value
-           for key, value in tree.items()}
-    if path in specs:
-      new["kernel"] = _quantise_kernel(tree, path, specs[path], feature_ndims.get(path))
+    new = {}
+    for key, value in tree.items():
+      here = _join(path, key)
+      if isinstance(value, Mapping):
+        new[key] = convert(value, here)
+      elif here in selected:
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+          raise TypeError(f"params[{here!r}] has dtype {value.dtype}; only float weights can "
+                          "be quantised (keep it with Rule(pattern, None))")
+        new[key] = weights_lib.prepare(value, specs[here], selected[here].axis, mode)
+      else:
+        new[key] = value
     return new
 
   return convert(params, "")
@@ -288,115 +296,96 @@ def _join(path: str, key) -> str:
   return f"{path}/{key}" if path else str(key)
 
 
-def _is_kernel(value) -> bool:
-  """An array of ndim ≥ 2 not yet quantised (its dtype is checked when it is quantised)."""
-  return not isinstance(value, (Mapping, QuantisedArray)) and np.ndim(value) >= 2
-
-
-def _layers(tree: Mapping[str, Any], path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
-  """(path, layer) for every mapping in `tree` whose ``kernel`` is a kernel, in order."""
-  if path and _is_kernel(tree.get("kernel")):
-    yield path, tree
+def _leaves(tree: Mapping[str, Any], path: str = ""):
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      yield from _layers(value, _join(path, key))
+      yield from _leaves(value, _join(path, key))
+    else:
+      yield _join(path, key), value
 
 
-def _quantise_kernel(layer: Mapping[str, Any], path: str, spec: QuantSpec,
-                     n_features: int | None) -> QuantisedArray:
-  kernel, bias = layer["kernel"], layer.get("bias")
-  if not jnp.issubdtype(kernel.dtype, jnp.floating):
-    raise TypeError(f"params[{path!r}]['kernel'] has dtype {kernel.dtype}; only float kernels "
-                    "can be quantised (keep it with Rule(pattern, None))")
+def _traced_uses(params, model, inputs, input_kwargs) -> dict[str, list]:
+  """Each weight's uses, found by tracing ``model.apply`` abstractly."""
+  shapes = dict(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **input_kwargs)))
+  shapes["params"] = jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), dict(params))
+  uses = interception.discover(
+      model.apply, shapes, *inputs,
+      follow=lambda path, leaf: path.startswith("params/") and jnp.issubdtype(
+          leaf.dtype, jnp.floating), **input_kwargs)
+  return {path[len("params/"):]: path_uses for path, path_uses in uses.items()
+          if weights_lib.is_weight_use(path_uses)}
+
+
+def _structural_uses(params, feature_ndims) -> dict[str, list]:
+  """Dense/DenseGeneral kernels: each one contracted over its leading (input) axes."""
+  feature_ndims = {} if feature_ndims is None else feature_ndims
+  if not isinstance(feature_ndims, Mapping):
+    raise TypeError(f"feature_ndims must be a mapping from layer path to int, got "
+                    f"{type(feature_ndims).__name__}")
+  found = {}
+  for path, value in _leaves(params):
+    layer, _, name = path.rpartition("/")
+    if name != "kernel" or not layer or np.ndim(value) < 2 or contraction.is_weight(value):
+      continue
+    bias = _subtree(params, layer).get("bias")
+    n_features = _feature_ndims(layer, np.shape(value), bias, feature_ndims.get(layer))
+    found[path] = [interception.Use("contract", tuple(range(np.ndim(value) - n_features)))]
+  return found
+
+
+def _subtree(tree, path: str):
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree
+
+
+def _feature_ndims(path: str, shape, bias, n_features) -> int:
   if n_features is not None:
     if isinstance(n_features, bool) or not isinstance(n_features, (int, np.integer)) or not (
-        1 <= n_features < kernel.ndim):
+        1 <= n_features < len(shape)):
       raise ValueError(f"feature_ndims[{path!r}]={n_features!r} must be an int in "
-                       f"[1, {kernel.ndim - 1}] for a kernel of shape {kernel.shape}")
+                       f"[1, {len(shape) - 1}] for a kernel of shape {shape}")
   elif bias is not None:
     n_features = np.ndim(bias)  # a Dense(General) bias has the shape of the features
-  elif kernel.ndim == 2:
+  elif len(shape) == 2:
     n_features = 1
   else:
     raise ValueError(
-        f"params[{path!r}]['kernel'] has shape {kernel.shape} and no bias, so which axes are "
-        f"output features is unknown; pass feature_ndims={{{path!r}: len(features)}}")
-  if bias is not None and not (1 <= n_features < kernel.ndim and
-                               np.shape(bias) == kernel.shape[kernel.ndim - n_features:]):
+        f"params[{path!r}]['kernel'] has shape {shape} and no bias, so which axes are "
+        f"output features is unknown; pass feature_ndims={{{path!r}: len(features)}}, or "
+        "model= and inputs= to find them by tracing")
+  if bias is not None and not (1 <= n_features < len(shape) and
+                               np.shape(bias) == tuple(shape[len(shape) - n_features:])):
     raise ValueError(
         f"params[{path!r}] has a bias of shape {np.shape(bias)}, which is not the trailing "
-        f"(feature) axes of its kernel of shape {kernel.shape}: not an nn.Dense or "
-        "nn.DenseGeneral without batch_dims (keep it float with Rule(pattern, None))")
-  features = kernel.shape[kernel.ndim - n_features:]
-  matrix = kernel.reshape(math.prod(kernel.shape[:-n_features]), math.prod(features))
-  return quantise(matrix, _along_contraction(spec))
-
-
-@contextlib.contextmanager
-def quantised_dense(backend: str = "auto") -> Iterator[None]:
-  """Within it, `nn.Dense` / `nn.DenseGeneral` calls with a quantised kernel use `qmatmul`.
-
-  Intercepts (`flax.linen.intercept_methods`) the ``__call__`` of every `nn.Dense` and
-  `nn.DenseGeneral`, subclasses included (e.g. under `nn.remat`, whose checkpointing of that
-  layer is then skipped), whose ``kernel`` param is a `QuantisedArray`, and computes the
-  layer's output from it (see the module docstring); other calls run unchanged. It acts when
-  the model's Python code runs, so under `jax.jit` enter it inside the compiled function.
-
-  Args:
-    backend: the `qmatmul` backend.
-
-  Raises:
-    ValueError: `backend` is unknown.
-    NotImplementedError: (when an intercepted layer runs) the layer sets ``batch_dims``,
-      ``dot_general``, ``dot_general_cls`` or a custom ``promote_dtype``.
-  """
-  if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral))
-        or not module.has_variable("params", "kernel")):
-      return next_fun(*args, **kwargs)
-    kernel = module.get_variable("params", "kernel")
-    if not isinstance(kernel, QuantisedArray):
-      return next_fun(*args, **kwargs)
-    _check_supported(module)
-    bias = module.get_variable("params", "bias") if module.use_bias else None
-    if isinstance(module, nn.Dense):
-      axis, features = (-1,), (module.features,)
-    else:
-      axis, features = _as_tuple(module.axis, "axis"), _as_tuple(module.features, "features")
-    call = lambda inputs: _forward(jnp.asarray(inputs), kernel, bias, axis, features,
-                                   module.dtype, backend)
-    return call(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    yield
-
-
-def _check_supported(module: nn.Dense | nn.DenseGeneral):
-  where = f"{type(module).__name__} at {'/'.join(module.path)!r}"
-  if getattr(module, "batch_dims", ()):
-    raise NotImplementedError(f"{where} has batch_dims={module.batch_dims}; quantised "
-                              "kernels are supported without batch_dims only")
-  for name in ("dot_general", "dot_general_cls"):
-    if getattr(module, name) is not None:
-      raise NotImplementedError(f"{where} sets {name}; a quantised kernel replaces the "
-                                "product, so leave it None")
-  if module.promote_dtype is not nn.dtypes.promote_dtype:
-    raise NotImplementedError(f"{where} sets a custom promote_dtype, which cannot take a "
-                              "QuantisedArray; set dtype instead")
+        f"(feature) axes of its kernel of shape {shape}: not an nn.Dense or nn.DenseGeneral "
+        "without batch_dims; pass model= and inputs= to find its contraction by tracing, or "
+        "keep it float with Rule(pattern, None)")
+  return int(n_features)
 
 
 def quantised_apply(model: nn.Module, variables: Mapping[str, Any], *args,
                     backend: str = "auto", **kwargs):
-  """``model.apply(variables, *args, **kwargs)`` with quantised kernels run by `qmatmul`.
+  """``model.apply(variables, *args, **kwargs)`` with quantised weights, for the unmodified
+  model (module docstring).
 
-  `model` is unmodified: `variables["params"]` comes from `quantise_params`, and the
-  `quantised_dense` interceptor runs its `nn.Dense` / `nn.DenseGeneral` layers. Keyword
-  arguments (``method``, ``mutable``, ``rngs``, ...) go to `model.apply`. Traceable:
-  ``jax.jit(functools.partial(quantised_apply, model))(variables, x)``.
+  `variables["params"]` comes from `quantise_params`. Keyword arguments (``method``,
+  ``mutable``, ``rngs``, ...) go to `model.apply`. Traceable:
+  ``jax.jit(functools.partial(quantised_apply, model))(variables, x)``; differentiable with
+  respect to the float leaves and the inputs (and, in QAT, the master weights).
+
+  Raises:
+    ValueError: `backend` is unknown.
+    jaxquant.interception.UnsupportedUse: a weight reaches an operation that packed codes
+      cannot serve.
   """
-  with quantised_dense(backend):
-    return model.apply(variables, *args, **kwargs)
+  kernels.check_backend(backend)
+  return interception.call(model.apply, variables, *args, backend=backend, **kwargs)
+
+
+def convert(params: Mapping[str, Any]) -> dict[str, Any]:
+  """`params` with every `FakeQuantised` (QAT) weight packed: bit-identical outputs."""
+  return jax.tree_util.tree_map(
+      lambda leaf: leaf.pack() if isinstance(leaf, FakeQuantised) else leaf,
+      dict(params), is_leaf=lambda leaf: isinstance(leaf, FakeQuantised))

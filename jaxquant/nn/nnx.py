@@ -1,55 +1,85 @@
-"""Flax NNX layers with packed quantised weights, and conversion of whole models by rules.
+"""Flax NNX: packed weights in any model, chosen by rules.
 
-- `QLinear`, `QEinsum`, `QEmbed`: inference layers holding a `QuantisedArray` in a
-  `QuantisedWeight` variable. That variable type is not an `nnx.Param`, so `nnx.grad`,
-  `nnx.Optimizer` and optax masks built on `nnx.Param` skip the packed codes, while the float
-  leaves around them (biases, norms) still train.
-- `QATLinear`: a float master kernel (an `nnx.Param`) whose forward is the packed forward
-  (`jaxquant.qat.qat_matmul`): train it under `jit`, then `convert` it to a `QLinear` whose
-  outputs are bit-identical.
-- `quantise_model(model, rules)`: replaces every `nnx.Linear`, `nnx.Einsum` and `nnx.Embed` whose
-  '/'-joined path a rule matches (first match wins, spec None keeps float), in place. With
-  `params=` the model may be abstract (`nnx.eval_shape`) and the float weights come from host
-  memory one layer at a time, so a model larger than device memory can be converted.
+`quantise_model(model, rules)` returns a new model (the given one is untouched) in one of two
+ways:
+
+- Stock layers, no inputs needed: every `nnx.Linear`, `nnx.Einsum` and `nnx.Embed` whose path
+  a rule matches becomes a `QLinear`, `QEinsum` or `QEmbed`, layers that hold the weight as
+  the float layer does (kernel [in, out], the einsum kernel in its own shape, the table
+  [vocabulary, features]) and compute through `jaxquant.contraction`.
+- Any model, with `inputs=`: the model is traced once, abstractly, on the example inputs
+  (`jaxquant.interception.discover`). Every parameter it contracts or gathers from is a weight
+  (`jaxquant.nn.weights`), whatever module holds it and however the code reaches it (``@``,
+  `jnp.einsum`, `jnp.dot`, `lax.dot_general`, ``w.T``, ``table[ids]``); rules match parameter
+  paths (``blocks/0/w_in``) and module paths (``blocks/0``). Each selected weight is replaced in
+  place, and the model's `methods` then run the model's own code under interception
+  (`jaxquant.interception.call`): the contractions become packed ones, nothing is patched.
+
+Variables: a packed weight lives in a `QuantisedWeight`, which is not an `nnx.Param`, so
+`nnx.grad`, `nnx.Optimizer` and optax masks built on `nnx.Param` skip the codes while biases
+and norms still train. With ``mode="qat"`` a weight stays a float master weight in a
+`QATWeight`, an `nnx.Param` whose ``quantisation`` metadata is its `QuantSpec`: it trains
+through the packed forward (`jaxquant.qat.FakeQuantised`), and `convert` packs it, with
+bit-identical outputs.
+
+With `params=` the model may be abstract (`nnx.eval_shape`): the float weights come from
+host memory one at a time, so a model larger than device memory can be converted.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxquant.kernels import qmatmul
+from jaxquant import contraction, interception, ops
 from jaxquant.nn import rules as rules_lib
-from jaxquant.qarray import QuantisedArray, QuantSpec, dequantise, quantise
-from jaxquant.qat import qat_matmul
+from jaxquant.nn import weights as weights_lib
+from jaxquant.qarray import QuantSpec, as_spec
+from jaxquant.qat import FakeQuantised
+
 
 
 class QuantisedWeight(nnx.Variable):
-  """A variable holding a `QuantisedArray` (packed codes, scales, codebook); not a Param."""
+  """A variable holding a packed weight (a `QuantisedArray` or another weight type); not a
+  Param."""
 
 
-def _along(spec: QuantSpec, axis: int) -> QuantSpec:
-  return spec if spec.axis == axis else dataclasses.replace(spec, axis=axis)
+class QATWeight(nnx.Param):
+  """A float master weight trained through its packed quantisation (metadata
+  ``quantisation``: the `QuantSpec`, blocks along its axis)."""
 
 
-def _add_bias(y: jax.Array, bias, dtype) -> jax.Array:
-  if bias is None:
-    return y
-  return y + bias[...].astype(dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+def weight_variable(weight) -> nnx.Variable:
+  """The variable for a weight: a `QATWeight` for a `FakeQuantised`, else a `QuantisedWeight`."""
+  if isinstance(weight, FakeQuantised):
+    return QATWeight(weight.weight, quantisation=weight.spec)
+  return QuantisedWeight(weight)
+
+
+def weight_of(variable: nnx.Variable):
+  """The weight a variable holds (a `FakeQuantised` for a `QATWeight`), else its value."""
+  if isinstance(variable, QATWeight):
+    return FakeQuantised(variable.get_value(), variable.get_metadata()["quantisation"])
+  return variable.get_value()
+
+
+def _add_bias(y: jax.Array, bias, shape) -> jax.Array:
+  return y if bias is None else y + bias[...].astype(y.dtype).reshape(shape)
 
 
 class QLinear(nnx.Module):
-  """y = x @ W + b with W [in, out] packed along its input axis; forward by `qmatmul`."""
+  """y = x @ W + b for a weight W [in, out] (packed, or fake-quantised for QAT)."""
 
-  def __init__(self, kernel: QuantisedArray, bias: jax.Array | None = None, *, dtype=None,
+  def __init__(self, kernel, bias: jax.Array | None = None, *, dtype=None,
                backend: str = "auto"):
-    if not isinstance(kernel, QuantisedArray) or kernel.ndim != 2 or kernel.axis != 0:
-      raise ValueError("kernel must be a 2-D QuantisedArray quantised along axis 0")
-    self.kernel = QuantisedWeight(kernel)
+    if not contraction.is_weight(kernel) or len(kernel.shape) != 2:
+      raise ValueError(f"kernel must be a 2-D weight [in, out] (a QuantisedArray or a "
+                       f"FakeQuantised), got {type(kernel).__name__}")
+    self.kernel = weight_variable(kernel)
     self.bias = None if bias is None else nnx.Param(bias)
     self.dtype = dtype
     self.backend = backend
@@ -57,167 +87,110 @@ class QLinear(nnx.Module):
 
   @classmethod
   def from_linear(cls, linear: nnx.Linear, spec: QuantSpec, *, kernel=None, bias=None,
-                  backend: str = "auto") -> "QLinear":
+                  mode: str = "ptq", backend: str = "auto") -> "QLinear":
     """Quantises an `nnx.Linear` (its kernel, or `kernel` given from host memory)."""
-    kernel = linear.kernel[...] if kernel is None else jnp.asarray(kernel)
+    kernel = linear.kernel[...] if kernel is None else kernel
     bias = (None if linear.bias is None else linear.bias[...]) if bias is None else bias
-    return cls(quantise(kernel, _along(spec, 0)), bias, dtype=linear.dtype, backend=backend)
+    return cls(weights_lib.prepare(kernel, spec, 0, mode), bias, dtype=linear.dtype, backend=backend)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
-    y = qmatmul(x.astype(dtype), self.kernel.get_value(), backend=self.backend)
-    return _add_bias(y, self.bias, dtype)
+    x = jnp.asarray(x).astype(dtype)
+    y = contraction.dot_general(x, weight_of(self.kernel), (((x.ndim - 1,), (0,)), ((), ())),
+                                backend=self.backend)
+    return _add_bias(y, self.bias, (1,) * (y.ndim - 1) + (-1,))
 
 
-class QATLinear(nnx.Module):
-  """A float master kernel trained through the packed forward (straight-through gradient)."""
-
-  def __init__(self, kernel: jax.Array, bias: jax.Array | None, spec: QuantSpec, *,
-               dtype=None, backend: str = "auto"):
-    self.kernel = nnx.Param(kernel)
-    self.bias = None if bias is None else nnx.Param(bias)
-    self.spec = _along(spec, 0)
-    self.dtype = dtype
-    self.backend = backend
-
-  @classmethod
-  def from_linear(cls, linear: nnx.Linear, spec: QuantSpec, *, backend: str = "auto"):
-    return cls(linear.kernel[...], None if linear.bias is None else linear.bias[...], spec,
-               dtype=linear.dtype, backend=backend)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    dtype = self.dtype or x.dtype
-    y = qat_matmul(x.astype(dtype), self.kernel[...], self.spec, self.backend)
-    return _add_bias(y, self.bias, dtype)
-
-  def to_inference(self) -> QLinear:
-    """The packed layer with exactly this forward."""
-    return QLinear(quantise(self.kernel[...], self.spec, check_finite=False),
-                   None if self.bias is None else self.bias[...], dtype=self.dtype,
-                   backend=self.backend)
-
-
-def _einsum_parts(einsum_str: str):
-  """(input letters, kernel letters, output letters, contracted, free) of 'x,k->y'."""
+def _einsum_letters(einsum_str: str) -> tuple[str, str, str]:
+  """(input, kernel, output) subscripts of an explicit two-operand equation."""
   einsum_str = einsum_str.replace(" ", "")
-  if "->" not in einsum_str or einsum_str.count(",") != 1 or "." in einsum_str:
-    raise NotImplementedError(f"{einsum_str=}: QEinsum takes explicit 'x,k->y' equations")
+  if "->" not in einsum_str or einsum_str.count(",") != 1:
+    raise ValueError(f"{einsum_str=}: QEinsum takes explicit 'x,kernel->y' equations")
   operands, out = einsum_str.split("->")
   lhs, rhs = operands.split(",")
-  contracted = [c for c in rhs if c in lhs and c not in out]
-  free = [c for c in rhs if c in out and c not in lhs]
-  if len(contracted) + len(free) != len(rhs):
-    raise NotImplementedError(
-        f"{einsum_str=}: every kernel axis must be contracted or an output feature axis "
-        "(no batch axes shared by input, kernel and output)")
-  return lhs, rhs, out, contracted, free
+  if "." in rhs:
+    raise ValueError(f"{einsum_str=}: the kernel's subscripts must name every axis")
+  return lhs, rhs, out
 
 
 class QEinsum(nnx.Module):
-  """`nnx.Einsum` with a packed kernel: the kernel is stored as a 2-D [contracted, free] weight.
+  """`nnx.Einsum` with a weight in the kernel's own shape (packed, or fake-quantised)."""
 
-  For 'x,k->y' the kernel axes split into contracted ones (also in x) and free ones (also in
-  y); the input's contracted axes are moved last, flattened and multiplied by `qmatmul`, and the
-  result is laid out as `y`.
-  """
-
-  def __init__(self, einsum_str: str, kernel: QuantisedArray, kernel_shape, bias=None, *,
-               dtype=None, backend: str = "auto"):
+  def __init__(self, einsum_str: str, kernel, bias=None, *, dtype=None,
+               backend: str = "auto"):
+    _, rhs, _ = _einsum_letters(einsum_str)
+    if not contraction.is_weight(kernel) or len(kernel.shape) != len(rhs):
+      raise ValueError(f"kernel must be a weight with {len(rhs)} axes for {einsum_str!r}")
     self.einsum_str = einsum_str.replace(" ", "")
-    _, rhs, _, contracted, free = _einsum_parts(self.einsum_str)
-    self.kernel_shape = tuple(int(d) for d in kernel_shape)
-    sizes = dict(zip(rhs, self.kernel_shape))
-    expected = (math.prod(sizes[c] for c in contracted), math.prod(sizes[c] for c in free))
-    if not isinstance(kernel, QuantisedArray) or kernel.shape != expected or kernel.axis != 0:
-      raise ValueError(f"kernel must be a QuantisedArray of shape {expected} along axis 0")
-    self.kernel = QuantisedWeight(kernel)
+    self.kernel = weight_variable(kernel)
     self.bias = None if bias is None else nnx.Param(bias)
     self.dtype = dtype
     self.backend = backend
 
   @classmethod
   def from_einsum(cls, einsum: nnx.Einsum, spec: QuantSpec, *, kernel=None, bias=None,
-                  backend: str = "auto") -> "QEinsum":
+                  mode: str = "ptq", backend: str = "auto") -> "QEinsum":
+    """Quantises an `nnx.Einsum` along its longest contracted kernel axis."""
     if einsum.einsum_str is None:
-      raise NotImplementedError("QEinsum needs the einsum_str given at construction")
-    kernel = einsum.kernel[...] if kernel is None else jnp.asarray(kernel)
+      raise ValueError("QEinsum needs the einsum_str given at construction")
+    lhs, rhs, out = _einsum_letters(einsum.einsum_str)
+    kernel = einsum.kernel[...] if kernel is None else kernel
     bias = (None if einsum.bias is None else einsum.bias[...]) if bias is None else bias
-    _, rhs, _, contracted, free = _einsum_parts(einsum.einsum_str)
-    order = [rhs.index(c) for c in contracted + free]
-    n_contracted = math.prod(kernel.shape[rhs.index(c)] for c in contracted)
-    matrix = jnp.transpose(kernel, order).reshape(n_contracted, -1)
-    return cls(einsum.einsum_str, quantise(matrix, _along(spec, 0)), kernel.shape, bias,
-               dtype=einsum.dtype, backend=backend)
+    contracted = [a for a, c in enumerate(rhs) if c in lhs and c not in out]
+    if not contracted:
+      raise ValueError(f"{einsum.einsum_str!r} contracts no kernel axis")
+    axis = weights_lib.block_axis(kernel.shape, contracted, as_spec(spec).block_size)
+    return cls(einsum.einsum_str, weights_lib.prepare(kernel, spec, axis, mode), bias, dtype=einsum.dtype,
+               backend=backend)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    lhs, rhs, out, contracted, free = _einsum_parts(self.einsum_str)
-    sizes = dict(zip(rhs, self.kernel_shape))
-    kept = [c for c in lhs if c not in contracted]
-    dtype = self.dtype or jnp.float32
-    x = jnp.transpose(x.astype(dtype), [lhs.index(c) for c in kept + contracted])
-    kept_shape = x.shape[:len(kept)]
-    y = qmatmul(x.reshape(kept_shape + (-1,)), self.kernel.get_value(), backend=self.backend)
-    y = y.reshape(kept_shape + tuple(sizes[c] for c in free))
-    y = jnp.einsum(f"{''.join(kept + free)}->{out}", y)
-    if self.bias is None:
-      return y
-    shape = [sizes[c] if c in free else 1 for c in out]
-    return y + self.bias[...].astype(dtype).reshape(shape)
+    dtype = self.dtype or x.dtype
+    kernel = weight_of(self.kernel)
+    y = ops.einsum(self.einsum_str, jnp.asarray(x).astype(dtype), kernel, backend=self.backend)
+    _, rhs, out = _einsum_letters(self.einsum_str)
+    out = out.replace("...", "." * (y.ndim - len(out.replace("...", ""))))
+    shape = [kernel.shape[rhs.index(c)] if c in rhs else 1 for c in out]
+    return _add_bias(y, self.bias, shape)
 
 
 class QEmbed(nnx.Module):
-  """`nnx.Embed` with a packed table [vocabulary, features], blocks along the features.
+  """`nnx.Embed` with a weight table [vocabulary, features] quantised along the features.
 
-  A lookup gathers the packed rows and their scales and dequantises only those rows;
-  `attend` (tied output heads) multiplies by the table one chunk of rows at a time.
+  A lookup gathers the packed rows and dequantises only those (out-of-range ids give NaN rows,
+  as `nnx.Embed`'s `jnp.take` does); `attend` (a tied output head) contracts the table along
+  its features from the packed codes.
   """
 
-  def __init__(self, embedding: QuantisedArray, *, dtype=None):
-    if not isinstance(embedding, QuantisedArray) or embedding.ndim != 2 or embedding.axis != 1:
-      raise ValueError("embedding must be a 2-D QuantisedArray quantised along axis 1")
-    if embedding.granularity == "tensor" or embedding.scale_scales is not None and (
-        embedding.scales.dtype in (jnp.int8, jnp.uint8)):
-      raise NotImplementedError("QEmbed needs per-row scales (no per-tensor or double-quantised"
-                                " scales)")
-    self.embedding = QuantisedWeight(embedding)
+  def __init__(self, embedding, *, dtype=None, backend: str = "auto"):
+    if not contraction.is_weight(embedding) or len(embedding.shape) != 2:
+      raise ValueError("embedding must be a 2-D weight [vocabulary, features]")
+    self.embedding = weight_variable(embedding)
     self.dtype = dtype
+    self.backend = backend
     self.num_embeddings, self.features = embedding.shape
 
   @classmethod
-  def from_embed(cls, embed: nnx.Embed, spec: QuantSpec, *, embedding=None) -> "QEmbed":
-    table = embed.embedding[...] if embedding is None else jnp.asarray(embedding)
-    return cls(quantise(table, _along(spec, 1)), dtype=embed.dtype)
-
-  def _rows(self, q: QuantisedArray, rows: jax.Array) -> jax.Array:
-    picked = dataclasses.replace(q, codes=q.codes[rows], scales=q.scales[rows],
-                                 shape=(rows.shape[0], q.shape[1]))
-    return dequantise(picked, self.dtype or q.dtype)
+  def from_embed(cls, embed: nnx.Embed, spec: QuantSpec, *, embedding=None,
+                 mode: str = "ptq", backend: str = "auto") -> "QEmbed":
+    table = embed.embedding[...] if embedding is None else embedding
+    return cls(weights_lib.prepare(table, spec, 1, mode), dtype=embed.dtype, backend=backend)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError(f"ids must be integers, got {ids.dtype}")
-    rows = self._rows(self.embedding.get_value(), ids.reshape(-1))
-    return rows.reshape(ids.shape + (self.features,))
+    rows = ops.take(weight_of(self.embedding), ids, axis=0)
+    return rows.astype(self.dtype or rows.dtype)
 
-  def attend(self, query: jax.Array, *, chunk: int = 4096) -> jax.Array:
-    """query[..., features] @ tableᵀ, dequantising `chunk` rows of the table at a time."""
-    q = self.embedding.get_value()
-    chunk = min(chunk, self.num_embeddings)
-    n_chunks = -(-self.num_embeddings // chunk)
+  def attend(self, query: jax.Array) -> jax.Array:
+    """query[..., features] @ tableᵀ, from the packed table."""
     dtype = self.dtype or query.dtype
-    flat = query.reshape(-1, self.features).astype(dtype)
-
-    def part(index):
-      rows = jnp.minimum(index * chunk + jnp.arange(chunk), self.num_embeddings - 1)
-      return jnp.dot(flat, self._rows(q, rows).astype(dtype).T,
-                     preferred_element_type=jnp.float32)
-
-    logits = jnp.moveaxis(jax.lax.map(part, jnp.arange(n_chunks)), 0, 1)
-    logits = logits.reshape(flat.shape[0], -1)[:, :self.num_embeddings]
-    return logits.astype(dtype).reshape(query.shape[:-1] + (self.num_embeddings,))
+    query = jnp.asarray(query).astype(dtype)
+    return contraction.dot_general(query, weight_of(self.embedding),
+                                   (((query.ndim - 1,), (1,)), ((), ())), backend=self.backend)
 
 
-_CONVERTIBLE = (nnx.Linear, nnx.Einsum, nnx.Embed)
+_STOCK = (nnx.Linear, nnx.Einsum, nnx.Embed)
+_STOCK_WEIGHT = {nnx.Linear: "kernel", nnx.Einsum: "kernel", nnx.Embed: "embedding"}
 
 
 def _path_string(path) -> str:
@@ -238,55 +211,89 @@ def _replace(parent, key, module):
     setattr(parent, key, module)
 
 
-def _host_leaf(params, path, name):
+def _host_leaf(params, path):
   node = params
-  for part in tuple(path) + (name,):
+  for part in path:
     node = node[part]
   return node
 
 
 def quantise_model(model: nnx.Module, rules, *, mode: str = "ptq", backend: str = "auto",
-                   params=None) -> nnx.Module:
-  """Replaces the model's Linear/Einsum/Embed layers that `rules` quantise, in place.
+                   params=None, inputs: Sequence | None = None,
+                   methods: Sequence[str] = ("__call__",)) -> nnx.Module:
+  """A new model with the weights that `rules` select quantised (module docstring).
 
   Args:
     model: an NNX model, or with `params` an abstract one from `nnx.eval_shape`.
-    rules: a sequence of `jaxquant.Rule`; rules that match no layer are warned about.
-    mode: ``"ptq"`` (packed inference layers) or ``"qat"`` (`QATLinear` for Linear layers:
-      float master weights, packed forward; Einsum and Embed layers stay float in QAT).
-    backend: the `qmatmul` backend of the new layers.
+    rules: a sequence of `jaxquant.Rule`; rules that match no weight are warned about.
+    mode: ``"ptq"`` (packed weights) or ``"qat"`` (float master weights trained through the
+      packed forward; `convert` packs them).
+    backend: the `jaxquant.kernels` backend of the contractions.
     params: optional nested dict of host (numpy) arrays shaped like `nnx.state(model)` as a
-      pure dict; each quantised layer's float weight is then read from it and moved to the
-      device alone, and every other variable is filled from it too.
+      pure dict; every variable is filled from it, each quantised weight moved to the device
+      alone.
+    inputs: example positional arguments of ``methods[0]`` (arrays or `jax.ShapeDtypeStruct`s;
+      nothing is computed). With them every weight of any module is found by tracing; without
+      them only stock layers are quantised.
+    methods: with `inputs`, the model's methods that run under interception.
 
   Returns:
-    The same model object, converted.
+    The quantised model; `model` is left as it was.
+
+  Raises:
+    ValueError: `mode` is unknown, or a rule selects a weight that packed codes cannot serve
+      (one used outside contractions and gathers; the message names each).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> from flax import nnx
+    >>> class Block(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.w = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (128, 4, 32)))
+    ...   def __call__(self, x):
+    ...     return jnp.einsum("btd,dhk->bthk", x, self.w[...])
+    >>> x = jnp.ones((2, 5, 128))
+    >>> quantised = quantise_model(Block(nnx.Rngs(0)), [jq.Rule("w", jq.QuantSpec("nf4"))],
+    ...                            inputs=(x,))
+    >>> type(quantised.w).__name__, quantised(x).shape
+    ('QuantisedWeight', (2, 5, 4, 32))
   """
-  if mode not in ("ptq", "qat"):
-    raise ValueError(f"{mode=} is not one of ('ptq', 'qat')")
+  if mode not in weights_lib.MODES:
+    raise ValueError(f"{mode=} is not one of {weights_lib.MODES}")
   rules = rules_lib.check_rules(rules)
+  model = nnx.clone(model)
+  if inputs is None:
+    return _quantise_stock_layers(model, rules, mode, backend, params)
+  return _quantise_traced(model, rules, mode, backend, params, tuple(inputs), tuple(methods))
+
+
+def _quantise_stock_layers(model, rules, mode, backend, params):
   layers = [(path, module) for path, module in nnx.iter_modules(model)
-            if path and isinstance(module, _CONVERTIBLE)]
-  specs, _ = rules_lib.assign(rules, [_path_string(path) for path, _ in layers])
+            if path and isinstance(module, _STOCK)]
+  specs, _ = rules_lib.assign(rules, [
+      (_path_string(path) + "/" + _STOCK_WEIGHT[type(module)], _path_string(path))
+      for path, module in layers])
+  chosen = {path: specs[_path_string(path) + "/" + _STOCK_WEIGHT[type(module)]]
+            for path, module in layers
+            if _path_string(path) + "/" + _STOCK_WEIGHT[type(module)] in specs}
   if params is not None:
-    _fill_floats(model, params, skip={_path_string(p) for p, _ in layers} & set(specs))
+    _fill_floats(model, params, skip={_path_string(path) for path in chosen})
   for path, module in layers:
-    spec = specs.get(_path_string(path))
+    spec = chosen.get(path)
     if spec is None:
       continue
-    host = (lambda name, p=path: None if params is None else _host_leaf(params, p, name))
+    host = (lambda name, p=path: None if params is None else _host_leaf(params, p + (name,)))
     if isinstance(module, nnx.Linear):
-      bias = None if module.bias is None else host("bias")
-      new = (QATLinear.from_linear(module, spec, backend=backend) if mode == "qat" else
-             QLinear.from_linear(module, spec, kernel=host("kernel"), bias=bias,
-                                 backend=backend))
-    elif mode == "qat":
-      continue
+      new = QLinear.from_linear(module, spec, kernel=host("kernel"),
+                                bias=None if module.bias is None else host("bias"),
+                                mode=mode, backend=backend)
     elif isinstance(module, nnx.Einsum):
-      bias = None if module.bias is None else host("bias")
-      new = QEinsum.from_einsum(module, spec, kernel=host("kernel"), bias=bias, backend=backend)
+      new = QEinsum.from_einsum(module, spec, kernel=host("kernel"),
+                                bias=None if module.bias is None else host("bias"),
+                                mode=mode, backend=backend)
     else:
-      new = QEmbed.from_embed(module, spec, embedding=host("embedding"))
+      new = QEmbed.from_embed(module, spec, embedding=host("embedding"), mode=mode,
+                              backend=backend)
     _replace(*_parent_and_key(model, path), new)
   return model
 
@@ -297,18 +304,98 @@ def _fill_floats(model, params, skip):
   for path, variable in nnx.to_flat_state(state):
     if any(_path_string(path).startswith(prefix + "/") for prefix in skip):
       continue
-    value = params
-    for part in path:
-      value = value[part]
-    variable.set_value(jnp.asarray(value))
+    variable.set_value(jnp.asarray(_host_leaf(params, path)))
   nnx.update(model, state)
 
 
+def _quantise_traced(model, rules, mode, backend, params, inputs, methods):
+  base = getattr(type(model), "_jaxquant_float_type", type(model))
+  graphdef, state = nnx.split(model)
+  flat = list(nnx.to_flat_state(state))
+  trainable = {_path_string(path) for path, variable in flat
+               if isinstance(variable, nnx.Param) and not isinstance(variable, QATWeight)
+               and not contraction.is_weight(variable.get_value())}
+  abstract = {_path_string(path): jax.ShapeDtypeStruct(variable.get_value().shape,
+                                                       variable.get_value().dtype)
+              for path, variable in flat}
+
+  def run(values, *args):
+    module = nnx.merge(graphdef, _with_values(flat, values))
+    return getattr(base, methods[0])(module, *args)
+
+  uses = interception.discover(
+      run, abstract, *inputs,
+      follow=lambda path, leaf: path in trainable and jnp.issubdtype(leaf.dtype, jnp.floating))
+  found = [path for path, path_uses in uses.items() if weights_lib.is_weight_use(path_uses)]
+  specs, _ = rules_lib.assign(rules, [(path, path.rpartition("/")[0]) for path in found])
+  selected = [weights_lib.classify(path, abstract[path].shape, uses[path],
+                                   as_spec(specs[path]).block_size)
+              for path in found if path in specs]
+  refused = [w for w in selected if w.refusal is not None]
+  if refused:
+    raise weights_lib.refused(refused)
+  chosen = {w.path: (specs[w.path], w.axis) for w in selected}
+  for path, variable in flat:
+    name = _path_string(path)
+    value = variable.get_value() if params is None else _host_leaf(params, path)
+    if name in chosen:
+      spec, axis = chosen[name]
+      new = weight_variable(weights_lib.prepare(value, spec, axis, mode))
+      _replace(*_parent_and_key(model, path), new)
+    elif params is not None:
+      variable.set_value(jnp.asarray(value))
+  if params is not None:
+    nnx.update(model, nnx.from_flat_state(
+        [(path, variable) for path, variable in flat if _path_string(path) not in chosen]))
+  model.__class__ = _intercepting_class(base, methods, backend)
+  return model
+
+
+def _with_values(flat, values: dict) -> nnx.State:
+  return nnx.from_flat_state([(path, variable.replace(values[_path_string(path)]))
+                              for path, variable in flat])
+
+
+@functools.cache
+def _intercepting_class(base: type, methods: tuple[str, ...], backend: str) -> type:
+  """`base` with `methods` run under `jaxquant.interception` (one class per combination, so
+  quantised models of one class share compiled programs)."""
+  fields = {"_jaxquant_float_type": base}
+  for name in methods:
+    fields[name] = _intercepted_method(getattr(base, name), backend)
+  return type(base.__name__, (base,), fields)
+
+
+def _intercepted_method(original, backend: str):
+
+  @functools.wraps(original)
+  def method(self, *args, **kwargs):
+    graphdef, state = nnx.split(self)
+    flat = list(nnx.to_flat_state(state))
+    values = {_path_string(path): weight_of(variable) for path, variable in flat}
+    if not any(contraction.is_weight(value) for value in values.values()):
+      return original(self, *args, **kwargs)  # called inside the trace of another method
+
+    def run(values, args, kwargs):
+      module = nnx.merge(graphdef, _with_values(flat, values))
+      out = original(module, *args, **kwargs)
+      return out, nnx.state(module)
+
+    out, after = interception.call(run, values, args, kwargs, backend=backend)
+    master = lambda leaf: leaf.weight if isinstance(leaf, FakeQuantised) else leaf
+    nnx.update(self, jax.tree_util.tree_map(
+        master, after, is_leaf=lambda leaf: isinstance(leaf, FakeQuantised)))
+    return out
+
+  return method
+
+
 def convert(model: nnx.Module) -> nnx.Module:
-  """Replaces every `QATLinear` by its packed `QLinear` (bit-identical outputs), in place."""
-  for path, module in list(nnx.iter_modules(model)):
-    if path and isinstance(module, QATLinear):
-      _replace(*_parent_and_key(model, path), module.to_inference())
+  """A new model with every fake-quantised (QAT) weight packed: bit-identical outputs."""
+  model = nnx.clone(model)
+  for path, variable in list(nnx.to_flat_state(nnx.state(model))):
+    if isinstance(variable, QATWeight):
+      _replace(*_parent_and_key(model, path), QuantisedWeight(weight_of(variable).pack()))
   return model
 
 
@@ -321,5 +408,5 @@ def quantised_bytes(model: nnx.Module) -> int:
   return total
 
 
-__all__ = ["QATLinear", "QEinsum", "QEmbed", "QLinear", "QuantisedWeight", "convert",
-           "quantise_model", "quantised_bytes"]
+__all__ = ["QATWeight", "QEinsum", "QEmbed", "QLinear", "QuantisedWeight", "convert",
+           "quantise_model", "quantised_bytes", "weight_of", "weight_variable"]

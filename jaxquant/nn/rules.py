@@ -1,10 +1,11 @@
-"""Rules: which layers to quantise, and how, chosen by regexes over module paths.
+"""Rules: which weights to quantise, and how, chosen by regexes over paths.
 
-A path is the '/'-joined names from the model's root to a layer (``"layers/0/mlp/up"``). The
-first rule whose `pattern` fully matches a layer's path decides for it (as in qwix): its `spec`
-quantises the layer, or keeps it in float when the spec is None. Layers no rule matches stay in
-float. Rules that match no layer are reported, because a mistyped pattern must never silently
-leave a model in float.
+A path is the '/'-joined names from the model's root: a module's (``"layers/0/mlp/up"``) or a
+parameter's (``"layer_3/attn/qkv_einsum/w"``). A rule matches a weight when its `pattern` fully
+matches the weight's parameter path or the path of the module that holds it; the first rule
+that matches decides (as in qwix): its `spec` quantises the weight, or keeps it in float when
+the spec is None. Weights no rule matches stay in float. Rules that match no weight are
+reported, because a mistyped pattern must never silently leave a model in float.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from jaxquant.qarray import QuantSpec
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """Quantise the layers whose path fully matches `pattern` with `spec` (None: keep float).
+  """Quantise the weights whose path fully matches `pattern` with `spec` (None: keep float).
 
-  The quantisation axis is the layer's own (a kernel's contraction axis, an embedding's
+  The quantisation axis is the weight's own (a kernel's contraction axis, an embedding's
   feature axis), whatever `spec.axis` says.
 
   Example:
@@ -55,22 +56,24 @@ def check_rules(rules) -> tuple[Rule, ...]:
   return rules
 
 
-def first_match(rules: Sequence[Rule], path: str) -> int | None:
-  """Index of the first rule matching `path`, or None."""
-  return next((i for i, rule in enumerate(rules) if rule.matches(path)), None)
-
-
-def assign(rules: Sequence[Rule], paths: Iterable[str], *, warn: bool = True
+def assign(rules: Sequence[Rule], paths: Iterable[str | tuple[str, ...]], *, warn: bool = True
            ) -> tuple[dict[str, QuantSpec], list[Rule]]:
-  """The spec for each path a rule quantises, and the rules that matched no path.
+  """The spec for each weight a rule quantises, and the rules that matched no weight.
 
-  With `warn`, a `UserWarning` names every unused rule.
+  Args:
+    rules: the rules.
+    paths: each weight's path, or a tuple of the paths it answers to (its parameter path,
+      then its module's path); the result is keyed by the first.
+    warn: warn (`UserWarning`) naming every unused rule.
   """
   rules = check_rules(rules)
   used = [False] * len(rules)
   specs = {}
-  for path in paths:
-    index = first_match(rules, path)
+  for names in paths:
+    names = (names,) if isinstance(names, str) else tuple(names)
+    path = names[0]
+    index = next((i for i, rule in enumerate(rules) if any(rule.matches(n) for n in names)),
+                 None)
     if index is None:
       continue
     used[index] = True
@@ -78,6 +81,6 @@ def assign(rules: Sequence[Rule], paths: Iterable[str], *, warn: bool = True
       specs[path] = rules[index].spec
   unused = [rule for rule, hit in zip(rules, used) if not hit]
   if warn and unused:
-    warnings.warn(f"rules that matched no layer: {[rule.pattern for rule in unused]}",
+    warnings.warn(f"rules that matched no weight: {[rule.pattern for rule in unused]}",
                   stacklevel=3)
   return specs, unused

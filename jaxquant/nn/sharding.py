@@ -200,8 +200,8 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh,
   A layer's path is the '/'-joined names from the model's root (``"layers/0/up"``), as in
   `jaxquant.Rule`. Each `QuantisedWeight` is sharded (`shard`) with the spec of the first
   pattern in `specs_by_path` that fully matches its layer's path; the spec is the float
-  kernel's, for the kernel as the layer stores it (a `QEinsum` stores a 2-D
-  [contracted, free] matrix). Packed weights no pattern matches, and every other array
+  weight's (packed weights keep their float shape). Packed weights no pattern matches, and
+  every other array
   (biases, norms, float layers), are replicated. Patterns that match no packed weight are
   warned about, since a mistyped pattern would silently replicate a layer.
 

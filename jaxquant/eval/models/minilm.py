@@ -19,8 +19,9 @@ Typical use:
   model, tokenizer = load_minilm()
   sentences = eval_sentences()
   reference = encode(model, tokenizer, sentences)
-  jaxquant.nnx.quantise_model(model, [jaxquant.Rule(r"layers/.*", jaxquant.QuantSpec("nf4"))])
-  scores = evaluate(reference, encode(model, tokenizer, sentences))
+  quantised = jaxquant.nnx.quantise_model(
+      model, [jaxquant.Rule(r"layers/.*", jaxquant.QuantSpec("nf4"))])
+  scores = evaluate(reference, encode(quantised, tokenizer, sentences))
 """
 
 from __future__ import annotations

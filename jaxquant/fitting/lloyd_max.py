@@ -1,51 +1,17 @@
-"""Formats fitted to a tensor: the Student-t ν of a CRD format, and Lloyd–Max on scaled data."""
+"""Lloyd–Max codebooks fitted to a tensor's block-scaled values, weighted to its own error."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxquant import metrics
 from jaxquant import scaling as scaling_lib
-from jaxquant.formats import Format, crd_format, lloyd_max
-from jaxquant.qarray import GRANULARITIES, QuantSpec, dequantise, quantise
-
-# Twelve log-spaced degrees of freedom in [3, 100], rounded so format names stay short.
-DF_GRID = tuple(float(f"{v:.3g}") for v in np.geomspace(3.0, 100.0, 12))
-
-
-def fit_crd_t(x, bits: int, *, scaling: str = "absmax", block_size: int | str = 64,
-              symmetric: bool | None = None, axis: int = -1, scale_dtype=None,
-              grid=DF_GRID) -> Format:
-  """The CRD Student-t format whose ν (from `grid`) gives the lowest error R on `x`.
-
-  LLM weights are heavier-tailed than normal; Orr et al. (2025) fit ν per tensor from twelve
-  log-spaced values in [3, 100] by minimising R = ‖ŵ - w‖/‖w‖ under the scaling used.
-
-  Args:
-    x: the tensor to fit.
-    bits, scaling, symmetric: as for `crd_format`.
-    block_size: as for `QuantSpec` (an int, ``"channel"`` or ``"tensor"``); the error is
-      measured with it, and absmax/signmax formats are designed for it.
-    axis, scale_dtype: as for `QuantSpec`; the error is measured with these.
-    grid: candidate ν values (each > 2).
-
-  Returns:
-    The best `Format` (named with its ν, e.g. ``crd-t5.55-absmax-sym-4b-B64``).
-  """
-  best, best_error = None, np.inf
-  for df in grid:
-    fmt = crd_format("t", bits, scaling=scaling, block_size=block_size, symmetric=symmetric, df=df)
-    spec = QuantSpec(fmt, block_size=block_size, axis=axis, scale_dtype=scale_dtype)
-    error = float(metrics.relative_rmse(x, dequantise(quantise(x, spec), jnp.float32)))
-    if error < best_error:
-      best, best_error = fmt, error
-  return best
+from jaxquant.formats import Format, lloyd_max
+from jaxquant.qarray import GRANULARITIES
 
 
 def scaled_values(x, *, scaling: str = "absmax", block_size: int | str = 64,
-                  axis: int = -1) -> tuple[jax.Array, jax.Array]:
+                  axis: int = 0) -> tuple[jax.Array, jax.Array]:
   """The elements of `x` divided by their block's statistic, and that statistic squared.
 
   absmax gives values in [-1, 1] with both ends reached; signmax gives values in [-1, 1] with
@@ -67,7 +33,7 @@ def scaled_values(x, *, scaling: str = "absmax", block_size: int | str = 64,
 
 
 def fit_lloyd_max(x, bits: int, *, scaling: str = "absmax", block_size: int = 64,
-                  axis: int = -1, weights=None, init="quantile", **kwargs) -> Format:
+                  axis: int = 0, weights=None, init="quantile", **kwargs) -> Format:
   """A Lloyd–Max codebook for `x` under the given block scaling.
 
   The blocks are normalised as `QuantSpec` would (see `scaled_values`), then `lloyd_max` runs
