@@ -206,3 +206,35 @@ def test_a_weight_contracted_on_both_axes_is_never_dequantised_whole():
   reference = dequantised_twin(model, quantised)(x)
   for y, ref in zip(quantised(x), reference):
     assert relative(y, ref) < 1e-5
+
+
+class Regularised(nnx.Module):
+  """A weight that is contracted and also squared and summed (a penalty in the forward)."""
+
+  def __init__(self, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (128, 64)) / 8)
+    self.v = nnx.Param(jax.random.normal(rngs.params(), (64, 32)) / 8)
+
+  def __call__(self, x):
+    return (x @ self.w[...]) @ self.v[...] + jnp.sum(self.w[...] ** 2)
+
+
+def test_a_weight_used_outside_contractions_is_refused_by_name():
+  model, x = Regularised(nnx.Rngs(0)), jnp.ones((2, 128))
+  with pytest.raises(ValueError, match=r"w \(shape \(128, 64\)\) is also used by integer_pow"):
+    jq.nnx.quantise_model(model, RULES, inputs=(x,))
+  quantised = jq.nnx.quantise_model(model, [jq.Rule("w", None)] + RULES, inputs=(x,))
+  assert isinstance(quantised.w, nnx.Param) and isinstance(quantised.v, jq.nnx.QuantisedWeight)
+  np.testing.assert_allclose(quantised(x), dequantised_twin(model, quantised)(x), rtol=1e-5)
+  with pytest.warns(UserWarning, match=r"matched no weight: \['decoder'\]"):
+    jq.nnx.quantise_model(model, [jq.Rule("w", None), jq.Rule("decoder", NF4)], inputs=(x,))
+
+
+def test_an_abstract_model_is_quantised_from_host_arrays_one_weight_at_a_time():
+  model, args, paths = model_styles.nnx_raw()
+  host = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  expected = jq.nnx.quantise_model(model, RULES, inputs=args)
+  abstract = nnx.eval_shape(lambda: model_styles.NNXRawParams(nnx.Rngs(1)))
+  quantised = jq.nnx.quantise_model(abstract, RULES, params=host, inputs=args)
+  assert set(weights_of(quantised)) == set(paths)
+  np.testing.assert_array_equal(quantised(*args), expected(*args))
