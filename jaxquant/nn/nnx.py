@@ -270,12 +270,11 @@ def quantise_model(model: nnx.Module, rules, *, mode: str = "ptq", backend: str 
 def _quantise_stock_layers(model, rules, mode, backend, params):
   layers = [(path, module) for path, module in nnx.iter_modules(model)
             if path and isinstance(module, _STOCK)]
-  specs, _ = rules_lib.assign(rules, [
-      (_path_string(path) + "/" + _STOCK_WEIGHT[type(module)], _path_string(path))
-      for path, module in layers])
-  chosen = {path: specs[_path_string(path) + "/" + _STOCK_WEIGHT[type(module)]]
-            for path, module in layers
-            if _path_string(path) + "/" + _STOCK_WEIGHT[type(module)] in specs}
+  weight_path = lambda path, module: _path_string(path) + "/" + _STOCK_WEIGHT[type(module)]
+  specs, _ = rules_lib.assign(rules, [(weight_path(path, module), _path_string(path))
+                                      for path, module in layers])
+  chosen = {path: specs[weight_path(path, module)] for path, module in layers
+            if weight_path(path, module) in specs}
   if params is not None:
     _fill_floats(model, params, skip={_path_string(path) for path in chosen})
   for path, module in layers:
