@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -298,10 +299,22 @@ def quantise_with_scales(x, spec: QuantSpec | Format | str, *, check_finite: boo
   static = _Static(axis, block_size, granularity, spec.format.bits, spec.scaling,
                    spec.scale_dtype, spec.double_quant, spec.scale_search)
   codebook = jnp.asarray(spec.format.values, jnp.float32)
-  reference = jnp.float32(scaling.format_reference(spec.format, spec.scaling))
-  words, scales, scale_scales, exact, finite = _quantise(x, codebook, reference, static)
-  if check_finite and not isinstance(finite, jax.core.Tracer) and not bool(finite):
-    raise ValueError("x contains NaN or Inf; quantise only finite arrays")
+  # Host constants, passed as arrays so that formats of one bit width share a program.
+  inverse_reference = np.float32(1) / np.float32(scaling.format_reference(spec.format,
+                                                                          spec.scaling))
+  ceiling = scaling.scale_ceiling(spec.format.values, x.dtype, spec.scale_dtype)
+  words, scales, scale_scales, exact, finite, zeroed = _quantise(
+      x, codebook, jnp.float32(inverse_reference), jnp.float32(ceiling), static)
+  if not isinstance(finite, jax.core.Tracer):
+    if check_finite and not bool(finite):
+      beyond = " or (as float64) values beyond float32's range" if x.dtype == np.float64 else ""
+      raise ValueError(f"x contains NaN or Inf{beyond}; quantise only finite arrays")
+    if int(zeroed):
+      warnings.warn(
+          f"quantise: {int(zeroed)} block(s) of x with nonzero values have a stored scale of "
+          "zero and dequantise to zero: the scale is below float32's smallest normal number "
+          f"({scaling.FLOAT32_TINY:.3g}), or below the range of float8 or double-quantised "
+          "scales relative to the largest scale", stacklevel=2)
   q = QuantisedArray(
       codes=words, scales=scales, codebook=padded_codebook(codebook, spec.format.bits),
       scale_scales=scale_scales, shape=tuple(x.shape), dtype=np.dtype(x.dtype), axis=axis,
@@ -328,47 +341,56 @@ class _Static(NamedTuple):
   scale_search: bool
 
 
-def _scale_and_round(xb, codebook, reference, static: _Static, n: int):
-  """The stored scales, the nearest codes, the exact scales and a finiteness flag."""
+def _scale_and_round(xb, codebook, inverse_reference, ceiling, static: _Static, n: int):
+  """The stored scales, the nearest codes, the exact scales, a finiteness flag and the number
+  of blocks with nonzero values whose stored scale is zero."""
   per_tensor = static.granularity == "tensor"
-  scales = scaling.block_statistic(xb, static.scaling, static.axis, n, per_tensor) / reference
+  statistic = scaling.block_statistic(xb, static.scaling, static.axis, n, per_tensor)
+  scales = statistic * inverse_reference
 
   def encode_and_round(multiplier):
-    stored = scaling.encode_scales(scales * multiplier, static.scale_dtype, static.double_quant,
+    exact = jnp.clip(scales * multiplier, -ceiling, ceiling)
+    exact = jnp.where(jnp.abs(exact) < scaling.FLOAT32_TINY, 0.0, exact)
+    stored = scaling.encode_scales(exact, static.scale_dtype, static.double_quant,
                                    signed=static.scaling == "signmax")
     decoded = scaling.decode_scales(*stored)
-    safe = jnp.where(decoded == 0, 1.0, decoded)
-    codes = nearest_codes(xb / safe, codebook)
-    return stored, decoded, codes
+    codes = nearest_codes(scaling.divide(xb, decoded), codebook)
+    return exact, stored, decoded, codes
 
   multiplier = jnp.float32(1.0)
   if static.scale_search:
     def squared_error(m):
-      _, decoded, codes = encode_and_round(m)
+      _, _, decoded, codes = encode_and_round(m)
       return jnp.sum(jnp.square(codebook[codes] * decoded - xb))
     candidates = jnp.asarray(scaling.scale_search_multipliers())
     multiplier = candidates[jnp.argmin(jax.lax.map(squared_error, candidates))]
-  stored, _, codes = encode_and_round(multiplier)
-  return stored, codes, scales * multiplier, jnp.all(jnp.isfinite(scales))
+  exact, stored, decoded, codes = encode_and_round(multiplier)
+  reduce_axes = tuple(range(xb.ndim)) if per_tensor else (static.axis + 1,)
+  nonzero = scaling.block_peak_bits(xb, reduce_axes) > 0
+  zeroed = jnp.sum(nonzero & (decoded == 0) & jnp.isfinite(statistic))
+  return stored, codes, exact, jnp.all(jnp.isfinite(statistic)), zeroed
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _quantise(x: jax.Array, codebook: jax.Array, reference: jax.Array, static: _Static):
+@functools.partial(jax.jit, static_argnums=4)
+def _quantise(x: jax.Array, codebook: jax.Array, inverse_reference: jax.Array,
+              ceiling: jax.Array, static: _Static):
   axis, n = static.axis, x.shape[static.axis]
   xb = scaling.to_blocks(x.astype(jnp.float32), axis, static.block_size)
-  (scales, scale_scales), codes, exact, finite = _scale_and_round(
-      xb, codebook, reference, static, n)
+  (scales, scale_scales), codes, exact, finite, zeroed = _scale_and_round(
+      xb, codebook, inverse_reference, ceiling, static, n)
   codes = codes.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 1:])
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, -codes.shape[axis] % packing.GROUP)
   words = packing.pack(jnp.pad(codes, pad), static.bits, axis)
   return (words, jnp.squeeze(scales, axis + 1), scale_scales, jnp.squeeze(exact, axis + 1),
-          finite)
+          finite, zeroed)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def dequantise(q: QuantisedArray, dtype=None) -> jax.Array:
   """The array a `QuantisedArray` represents: codebook[code] · scale, in `dtype`.
+
+  Computed in float32; magnitudes below 2^-126 are zero on every platform.
 
   Args:
     q: the quantised array, or a container built on one that dequantises itself (e.g.
@@ -388,7 +410,7 @@ def dequantise(q: QuantisedArray, dtype=None) -> jax.Array:
   blocked = values.reshape(values.shape[:axis] + (q.n_blocks, q.block_size) + values.shape[axis + 1:])
   scales = scaling.decode_scales(q.scales, q.scale_scales)
   w = scaling.from_blocks(blocked * jnp.expand_dims(scales, axis + 1), axis, n)
-  return w.astype(q.dtype if dtype is None else dtype)
+  return scaling.flush_subnormals(w).astype(q.dtype if dtype is None else dtype)
 
 
 def gather(q: QuantisedArray, indices: jax.Array, params: dict) -> jax.Array:

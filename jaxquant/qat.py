@@ -44,7 +44,7 @@ def representable(w: jax.Array, q: QuantisedArray, exact_scales: jax.Array) -> j
   axis = q.axis
   blocks = scaling.to_blocks(w.astype(jnp.float32), axis, q.block_size)
   s = jnp.expand_dims(exact_scales, axis + 1)
-  y = blocks / jnp.where(s == 0, 1.0, s)
+  y = scaling.divide(blocks, s)
   low, high = q.codebook[0], q.codebook[-1]
   slack = _END_SLACK * jnp.maximum(jnp.abs(low), jnp.abs(high))
   inside = (y >= low - slack) & (y <= high + slack)

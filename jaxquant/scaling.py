@@ -18,6 +18,19 @@ formats). Double quantisation (Dettmers et al. 2023, QLoRA) stores the float32 s
 codes in groups of 256 with one float32 absmax scale per group: uint8 for non-negative scales,
 int8 for signed (signmax) ones. Unlike bitsandbytes we subtract no mean, so a zero scale (an
 all-zero block) stays exactly zero.
+
+At the edges of float32 every step is defined so that it gives the same bits on every platform
+(XLA's CPU flushes subnormals to zero; other backends need not):
+
+- the block maxima are taken on the bit patterns (|x| as an unsigned integer orders like |x|),
+  so they are exact for every finite input; a block whose largest magnitude is below float32's
+  smallest normal number 2^-126 has statistic 0 (its elements are subnormal: read as zero), as
+  has any scale below 2^-126 after dividing by the reference;
+- scales saturate at a ceiling c with c·max|v| finite in the dtype being quantised (see
+  `scale_ceiling`), so every stored (scale, code) pair decodes to a finite value; a block with
+  NaN or Inf gets a NaN scale;
+- x/s is computed as x·(1/s), with both pre-multiplied by 2^-4 when |s| ≥ 2^124 so that 1/s is
+  a normal number (`divide`); a quotient below 2^-126 is zero.
 """
 
 from __future__ import annotations
@@ -37,6 +50,15 @@ _STORAGE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
             "float8_e4m3fn": jnp.float8_e4m3fn, "e8m0": jnp.float8_e8m0fnu}
 _E4M3_MAX = 448.0
 DOUBLE_QUANT_GROUP = 256
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # 2^-126, the smallest normal float32
+_TINY_BITS = 0x00800000  # its bit pattern; magnitudes below it are subnormal
+_INF_BITS = 0x7F800000
+_MAGNITUDE = 0x7FFFFFFF
+_BIG = 2.0**124  # beyond this 1/s is subnormal or nearly so: `divide` rescales first
+_BIG_STEP = 2.0**-4
+# Relative headroom of the scale ceiling: what stored scales may gain in rounding (one
+# float32 ulp for fp8 and double quantisation, whose decoding multiplies two rounded factors).
+_CEILING_HEADROOM = 1.0 - 2.0**-20
 
 
 def canonical_scale_dtype(scale_dtype) -> str:
@@ -76,6 +98,10 @@ def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: 
   max|x|, the signed extreme (ties: the positive one), or the RMS over the block's real
   elements (the last block along an axis of length `n` may be partly padding). Reduced over
   the block axis, kept as a size-1 axis; with `per_tensor`, over everything.
+
+  The maxima are reduced on bit patterns, so they are exact on every platform; a block whose
+  elements are all below 2^-126 in magnitude has statistic 0, one with NaN or Inf has NaN.
+  The RMS is m·sqrt(mean((x/m)²)) with m = max|x|, which cannot overflow.
   """
   if per_tensor:  # one block spanning the tensor: no padding
     reduce_axes, count = tuple(range(xb.ndim)), float(xb.size)
@@ -85,13 +111,63 @@ def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: 
     shape = [1] * xb.ndim
     shape[axis] = xb.shape[axis]
     reduce_axes, count = (axis + 1,), jnp.asarray(counts.astype(np.float32).reshape(shape))
-  if scaling == "absmax":
-    return jnp.max(jnp.abs(xb), axis=reduce_axes, keepdims=True)
+  bits = jax.lax.bitcast_convert_type(xb, jnp.uint32)
+  magnitude = bits & jnp.uint32(_MAGNITUDE)
   if scaling == "signmax":
-    high = jnp.max(xb, axis=reduce_axes, keepdims=True)
-    low = jnp.min(xb, axis=reduce_axes, keepdims=True)
-    return jnp.where(-low > high, low, high)
-  return jnp.sqrt(jnp.sum(jnp.square(xb), axis=reduce_axes, keepdims=True) / count)
+    # One key per element orders by magnitude first, then puts the positive sign above.
+    key = jnp.max((magnitude << 1) | ((bits >> 31) ^ 1), axis=reduce_axes, keepdims=True)
+    peak = key >> 1
+    extreme = jax.lax.bitcast_convert_type(peak, jnp.float32)
+    statistic = jnp.where((key & 1) == 1, extreme, -extreme)
+  else:
+    peak = block_peak_bits(xb, reduce_axes)
+    statistic = jax.lax.bitcast_convert_type(peak, jnp.float32)
+    if scaling == "rms":
+      unit = divide(xb, statistic)
+      statistic = statistic * jnp.sqrt(jnp.sum(jnp.square(unit), axis=reduce_axes,
+                                               keepdims=True) / count)
+  statistic = jnp.where(peak < _TINY_BITS, 0.0, statistic)
+  return jnp.where(peak >= _INF_BITS, jnp.nan, statistic)
+
+
+def block_peak_bits(xb: jax.Array, reduce_axes: tuple[int, ...]) -> jax.Array:
+  """max|x| over `reduce_axes` as the uint32 bit pattern of a float32 (exact: subnormals too)."""
+  magnitude = jax.lax.bitcast_convert_type(xb, jnp.uint32) & jnp.uint32(_MAGNITUDE)
+  return jnp.max(magnitude, axis=reduce_axes, keepdims=True)
+
+
+def divide(x: jax.Array, s: jax.Array) -> jax.Array:
+  """x/s in float32 as x·(1/s), defined where XLA's own x/s is not; 0 where s = 0.
+
+  XLA rewrites a division by a broadcast scale as a multiplication by its reciprocal, and
+  1/s is subnormal (flushed to zero on CPU) for |s| > 2^126. Here both factors are first
+  multiplied by 2^-4 when |s| ≥ 2^124 (exact), so 1/s stays normal; subnormal x and
+  quotients below 2^-126 in magnitude are 0, on every platform.
+  """
+  step = jnp.where(jnp.abs(s) >= _BIG, _BIG_STEP, 1.0).astype(jnp.float32)
+  reciprocal = jnp.where(s == 0, 0.0, 1.0 / jnp.where(s == 0, 1.0, s * step))
+  return flush_subnormals((flush_subnormals(x) * step) * reciprocal)
+
+
+def flush_subnormals(x: jax.Array) -> jax.Array:
+  """x with magnitudes below 2^-126 set to zero, as XLA's CPU does and every platform does here."""
+  return jnp.where(jnp.abs(x) < FLOAT32_TINY, 0.0, x)
+
+
+def scale_ceiling(values: np.ndarray, dtype, scale_dtype: str | None) -> np.float32:
+  """The largest scale magnitude stored for a format with codepoints `values`.
+
+  c·max|v| stays below the largest finite number of `dtype` (the dtype quantised; at most
+  float32's, in which quantisation computes), with a 2^-20 relative headroom for the
+  rounding of fp8 and double-quantised scales; rounded down onto the grid of `scale_dtype`
+  (bfloat16: truncated to 8 significant bits; e8m0: to a power of two) so that rounding a
+  scale to storage never exceeds it.
+  """
+  largest = min(float(np.finfo(np.dtype(dtype)).max), float(np.finfo(np.float32).max))
+  ceiling = np.float32(largest * _CEILING_HEADROOM / float(np.max(np.abs(values))))
+  bits = np.array(ceiling, np.float32).view(np.uint32)
+  mask = {"bfloat16": 0xFFFF0000, "e8m0": 0x7F800000}.get(scale_dtype, 0xFFFFFFFF)
+  return (bits & np.uint32(mask)).view(np.float32)[()]
 
 
 def format_reference(fmt: Format, scaling: str) -> float:
@@ -104,24 +180,31 @@ def format_reference(fmt: Format, scaling: str) -> float:
 def encode_scales(scales: jax.Array, scale_dtype: str, double_quant: bool, signed: bool):
   """Stores float32 scales: returns (stored scales, second-level scales or None).
 
-  `signed` (signmax scales) selects int8 double-quantisation codes; otherwise uint8.
+  `scales` are already within the ceiling of `scale_ceiling`. `signed` (signmax scales)
+  selects int8 double-quantisation codes; otherwise uint8. Group scales are max|s|·(1/L)
+  for L = 127 or 255, and codes round(s·(1/g)) (half to even); the float8 factor is
+  max(max|s|·(1/448), 2^-126), so that every scale ≥ 2^-126 stays representable relative to it;
+  e8m0 stores ceil(log2 s) exactly, from the bits of s.
   """
   if double_quant:
     groups = _groups(scales)
     levels, code_dtype = (127.0, jnp.int8) if signed else (255.0, jnp.uint8)
-    group_scale = jnp.max(jnp.abs(groups), axis=1) / levels
-    safe = jnp.where(group_scale > 0, group_scale, 1.0)
-    codes = jnp.clip(jnp.round(groups / safe[:, None]), -levels if signed else 0, levels)
+    group_scale = jnp.max(jnp.abs(groups), axis=1) * np.float32(1 / levels)
+    codes = jnp.clip(jnp.round(divide(groups, group_scale[:, None])),
+                     -levels if signed else 0, levels)
     codes = codes.astype(code_dtype).reshape(-1)[:scales.size].reshape(scales.shape)
     return codes, group_scale
   if scale_dtype == "float8_e4m3fn":
-    factor = jnp.max(jnp.abs(scales)) / _E4M3_MAX
-    factor = jnp.where(factor > 0, factor, 1.0)
-    return (scales / factor).astype(jnp.float8_e4m3fn), factor
+    factor = jnp.maximum(jnp.max(jnp.abs(scales)) * np.float32(1 / _E4M3_MAX), FLOAT32_TINY)
+    return divide(scales, factor).astype(jnp.float8_e4m3fn), factor
   if scale_dtype == "e8m0":
-    # The biased exponent byte, built directly (2^-127, the byte 0, is kept to mean zero).
-    exponent = jnp.clip(jnp.ceil(jnp.log2(scales)), -126, 127)
-    byte = jnp.where(scales > 0, exponent + 127, 0).astype(jnp.uint8)
+    # The biased exponent byte of 2^ceil(log2 s): s's own exponent field, plus one unless s
+    # is a power of two. The byte 0 (2^-127) is kept to mean zero, 0xFF is NaN.
+    bits = jax.lax.bitcast_convert_type(scales, jnp.uint32)
+    biased = (bits >> 23) & 0xFF
+    byte = jnp.minimum(biased + ((bits & 0x7FFFFF) != 0).astype(jnp.uint32), 254)
+    byte = jnp.where(scales > 0, byte, 0)
+    byte = jnp.where(jnp.isnan(scales), 255, byte).astype(jnp.uint8)
     return jax.lax.bitcast_convert_type(byte, jnp.float8_e8m0fnu), None
   return scales.astype(_STORAGE[scale_dtype]), None
 
