@@ -25,14 +25,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.scipy.stats import norm
 
-__all__ = ["Normal", "Laplace", "StudentT", "Truncated"]
+from jaxquant import _arguments
+
+__all__ = ["Laplace", "Normal", "StudentT", "Truncated"]
 
 _EULER_GAMMA = 0.5772156649015329
 _NEEDS_B_ABOVE_PI = " (the approximation uses ln(B / pi), so needs B > pi)"
@@ -41,25 +42,15 @@ _T_PPF_ITERATIONS = 16  # from its starting point the Student-t ppf iteration co
 _T_PPF_MIN_LOG_V = -50.0  # |ppf(p)| / (scale sqrt(df)) >= e**-50 ~ 2e-22, i.e. ~0
 
 
-def _real(name, value):
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-  return float(value)
-
-
 def _positive_finite(name, value):
-  value = _real(name, value)
-  if not (math.isfinite(value) and value > 0):
-    raise ValueError(f"{name}={value!r} must be > 0 and finite")
-  return value
+  return _arguments.real(name, value, low=0.0, low_open=True)
 
 
 def _check_block_size(block_size, minimum, reason=""):
-  if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
-    raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+  block_size = _arguments.integer("block_size", block_size)
   if block_size < minimum:
     raise ValueError(f"{block_size=} must be >= {minimum}{reason}")
-  return int(block_size)
+  return block_size
 
 
 def _as_float(x):
@@ -438,7 +429,8 @@ class Truncated:
   def __post_init__(self):
     if not isinstance(self.base, (Normal, Laplace, StudentT)):
       raise TypeError(f"base must be a Normal, Laplace or StudentT, got {type(self.base).__name__}")
-    low, high = _real("low", self.low), _real("high", self.high)
+    low = _arguments.real("low", self.low, finite=False)
+    high = _arguments.real("high", self.high, finite=False)
     if not low < high:
       raise ValueError(f"low={low!r} must be < high={high!r}")
     object.__setattr__(self, "low", low)

@@ -8,21 +8,43 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxquant import _arguments
+
+
+def _binary_exponent(a):
+  """The binary exponent e of max|a| (as `frexp`): 2^-e·max|a| is in [½, 1); 0 for a zero a."""
+  return jnp.frexp(jnp.max(jnp.abs(a)))[1]
+
 
 def relative_rmse(w, w_hat, weights=None):
   """R = ‖ŵ - w‖ / ‖w‖ (optionally with per-element weights, e.g. diagonal Fisher).
 
-  Computed in float32 whatever the input dtypes.
+  Computed in float32 whatever the input dtypes, after scaling w and ŵ (and the weights) by
+  powers of two that bring their largest magnitudes near 1: exact, so R is the same for any
+  power-of-two multiple of the data, and the squares neither underflow for tiny w (1e-30)
+  nor overflow for huge w (1e30). R is undefined for an all-zero w (or weights): NaN.
   """
   w, w_hat = jnp.asarray(w, jnp.float32), jnp.asarray(w_hat, jnp.float32)
   if w.shape != w_hat.shape:
     raise ValueError(f"w has shape {w.shape} but w_hat has shape {w_hat.shape}")
-  weights = jnp.ones_like(w) if weights is None else jnp.asarray(weights, jnp.float32)
+  exponent = _binary_exponent(w)
+  w, w_hat = jnp.ldexp(w, -exponent), jnp.ldexp(w_hat, -exponent)
+  if weights is None:
+    weights = jnp.ones_like(w)
+  else:
+    weights = jnp.asarray(weights, jnp.float32)
+    weights = jnp.ldexp(weights, -_binary_exponent(weights))
   return jnp.sqrt(jnp.sum(weights * jnp.square(w_hat - w)) / jnp.sum(weights * jnp.square(w)))
 
 
 def efficiency(w, w_hat, bits_per_param: float):
-  """R·2^b with b the bits per parameter, scales included (lower is better)."""
+  """R·2^b with b the bits per parameter, scales included (lower is better).
+
+  Raises:
+    ValueError: `bits_per_param` is not a finite number > 0.
+    TypeError: `bits_per_param` is not a real number.
+  """
+  bits_per_param = _arguments.real("bits_per_param", bits_per_param, low=0.0, low_open=True)
   return relative_rmse(w, w_hat) * 2.0**bits_per_param
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import _arguments
 from jaxquant.kernels.dimensions import Contraction
 from jaxquant.qarray import QuantisedArray, QuantSpec, as_spec, dequantise, quantise
 
@@ -61,11 +62,7 @@ def split_outliers(x, fraction: float) -> tuple[jax.Array, jax.Array]:
 
 def _count(size: int, fraction: float) -> int:
   """round(fraction · size), after checking that `fraction` is a real number in [0, 1)."""
-  if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)):
-    raise TypeError(f"{fraction=} must be a real number in [0, 1)")
-  if not 0 <= fraction < 1:
-    raise ValueError(f"{fraction=} must be in [0, 1)")
-  return int(round(fraction * size))
+  return round(_arguments.real("fraction", fraction, low=0.0, high=1.0, high_open=True) * size)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -148,7 +145,7 @@ class OutlierQuantisedArray:
     """`lax.gather` from the dequantised array (dense part and outliers; materialises it)."""
     return jax.lax.gather(self.dequantise(), indices, **params)
 
-  def astype(self, dtype) -> "OutlierQuantisedArray":
+  def astype(self, dtype) -> OutlierQuantisedArray:
     return dataclasses.replace(self, dense=self.dense.astype(dtype))
 
   def __repr__(self):

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant._arguments import FLOAT32_TINY
 from jaxquant.formats import Format
 
 SCALE_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "e8m0")
@@ -50,7 +51,6 @@ _STORAGE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
             "float8_e4m3fn": jnp.float8_e4m3fn, "e8m0": jnp.float8_e8m0fnu}
 _E4M3_MAX = 448.0
 DOUBLE_QUANT_GROUP = 256
-FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # 2^-126, the smallest normal float32
 _TINY_BITS = 0x00800000  # its bit pattern; magnitudes below it are subnormal
 _INF_BITS = 0x7F800000
 _MAGNITUDE = 0x7FFFFFFF

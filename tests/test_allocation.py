@@ -206,6 +206,35 @@ def test_distribute_rejects_bad_arguments(offsets, sizes, target, kwargs, error,
     allocation.distribute(offsets, sizes, target, **({"integer": True} | kwargs))
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    # An infinite bound once gave a mean of 2 bits for a target of 4 without a word.
+    ({"max_bits": float("inf")}, ValueError, "max_bits=inf must be a finite number >= 2"),
+    ({"min_bits": -float("inf")}, ValueError, "min_bits=-inf must be a finite number >= 0"),
+    ({"min_bits": float("nan")}, ValueError, "min_bits=nan"),  # once blamed average_bits
+    ({"min_bits": 5, "max_bits": 3}, ValueError, "max_bits=3 must be a finite number >= 5"),
+    ({"average_bits": float("nan")}, ValueError, "average_bits=nan must be a finite number"),
+    ({"average_bits": "4"}, TypeError, "average_bits='4'"),
+])
+def test_distribute_refuses_bits_that_are_not_sane_numbers(kwargs, error, message):
+  arguments = {"average_bits": 4.0, "integer": False} | kwargs
+  with pytest.raises(error, match=message):
+    allocation.distribute({"a": 0.0, "b": 1.0}, {"a": 1, "b": 1}, **arguments)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # A NaN boost once gave NaN offsets; NaN bits or empty or zero sizes a NaN mean.
+    (lambda: allocation.heuristic_offsets(["a"], ["a"], float("nan")), ValueError, "boost=nan"),
+    (lambda: allocation.heuristic_offsets(["a"], ["a"], "2"), TypeError, "boost='2'"),
+    (lambda: allocation.mean_bits({"a": float("nan")}, {"a": 3}), ValueError,
+     "bits must be finite"),
+    (lambda: allocation.mean_bits({"a": 4}, {"a": 0}), ValueError, "sizes must be finite and > 0"),
+    (lambda: allocation.mean_bits({}, {}), ValueError, "bits is empty"),
+])
+def test_offsets_and_mean_bits_refuse_numbers_that_are_not_sane(call, error, message):
+  with pytest.raises(error, match=message):
+    call()
+
+
 def test_offsets_and_rules_reject_bad_arguments():
   with pytest.raises(ValueError, match="fisher_means must be finite and > 0"):
     allocation.fisher_offsets({"a": 1.0}, {"a": 0.0})

@@ -163,7 +163,7 @@ CUBE_ROOT_CASES = [
 @pytest.mark.parametrize("dist", CUBE_ROOT_CASES, ids=repr)
 def test_cube_root_density_is_normalised_cube_root_of_pdf(dist):
   ref_pdf = reference(dist).pdf
-  cube_root = lambda x: ref_pdf(x)**(1.0 / 3.0)  # noqa: E731
+  cube_root = lambda x: ref_pdf(x)**(1.0 / 3.0)
   total, _ = integrate.quad(cube_root, -np.inf, np.inf, epsabs=0, epsrel=1e-10, limit=200)
   x = np.linspace(-10.0, 10.0, 201) * dist.scale
   expected = cube_root(x) / total
@@ -272,7 +272,7 @@ def truncated_reference(dist):
     return ref.pdf, ref.cdf, ref.ppf
   cdf_low, cdf_high = base.cdf(dist.low), base.cdf(dist.high)
   mass = cdf_high - cdf_low
-  inside = lambda x: (x >= dist.low) & (x <= dist.high)  # noqa: E731
+  inside = lambda x: (x >= dist.low) & (x <= dist.high)
   return (
       lambda x: np.where(inside(x),
                          base.pdf(x) / mass, 0.0),
@@ -334,6 +334,9 @@ def test_truncated_outside_interval():
         (lambda: Truncated(Normal(), 1.0, 1.0), ValueError, "low"),
         (lambda: Truncated(Normal(), 2.0, -2.0), ValueError, "low"),
         (lambda: Truncated(Normal(), "a", 1.0), TypeError, "low"),
+        (lambda: Truncated(Normal(), -1.0, math.nan), ValueError, "high=nan must be a number"),
+        (lambda: Normal().scaled(math.nan), ValueError, "factor=nan must be a finite number"),
+        (lambda: Normal().expected_absmax(True), TypeError, "block_size=True"),
         (lambda: Truncated("normal"), TypeError, "base"),
     ],
 )

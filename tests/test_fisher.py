@@ -234,3 +234,15 @@ def test_predicted_kl_rejects_mismatched_tensors():
     fisher_lib.predicted_kl({"a": 1.0, "b": 1.0}, deltas)
   with pytest.raises(ValueError, match=r"fisher\['a'\] has shape \(2,\)"):
     fisher_lib.predicted_kl({"a": jnp.ones(2)}, deltas)
+
+
+@pytest.mark.parametrize("fisher, deltas, message", [
+    # Each once gave a negative or NaN predicted KL.
+    ({"a": -1.0}, {"a": jnp.ones(3)}, r"fisher\['a'\] must be finite and >= 0"),
+    ({"a": float("nan")}, {"a": jnp.ones(3)}, r"fisher\['a'\] must be finite"),
+    ({"a": jnp.array([1.0, jnp.inf, 1.0])}, {"a": jnp.ones(3)}, r"fisher\['a'\] must be finite"),
+    ({"a": 1.0}, {"a": jnp.array([1.0, jnp.nan, 1.0])}, r"deltas\['a'\] must be finite"),
+])
+def test_predicted_kl_refuses_a_fisher_or_delta_that_is_not_sane(fisher, deltas, message):
+  with pytest.raises(ValueError, match=message):
+    fisher_lib.predicted_kl(fisher, deltas)

@@ -5,16 +5,15 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jaxquant as jq
 from entropy_reference import WEIGHT_SHAPE as _WEIGHT_SHAPE
 from entropy_reference import ideal_rate as _ideal_rate
 from entropy_reference import scale_bits as _scale_bits
 from entropy_reference import student_t as _student_t
+
+import jaxquant as jq
 from jaxquant import entropy
 from jaxquant.fitting import fit_grid
 from jaxquant.fitting import grid as grid_fitting
-
 
 _SAMPLERS = {
     "normal": (lambda rng, n: rng.standard_normal(n), 1.193),
@@ -230,3 +229,19 @@ def test_block_absmax_entropy_grid_beats_int4_and_huffman_meets_ideal():
   assert huffman <= int4.bits_per_param
   error = float(jq.metrics.relative_rmse(x, q.dequantise()))
   assert error < float(jq.metrics.relative_rmse(x, int4.dequantise()))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    # NaN once reached the final check and blamed an inconsistency in the library.
+    ({"bits_per_param": float("nan")}, ValueError, "bits_per_param=nan must be a finite number"),
+    # +inf once returned the finest grid; a bool or a string was read as a number.
+    ({"bits_per_param": float("inf")}, ValueError, "bits_per_param=inf"),
+    ({"bits_per_param": 0.0}, ValueError, "bits_per_param=0.0 must be a finite number > 0"),
+    ({"bits_per_param": True}, TypeError, "bits_per_param=True"),
+    ({"bits_per_param": "3"}, TypeError, "bits_per_param='3'"),
+    ({"bits_per_param": 3.0, "clip": "yes"}, TypeError, "clip='yes'"),
+])
+def test_fit_grid_refuses_a_target_that_is_not_a_positive_number(kwargs, error, match):
+  x = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32)
+  with pytest.raises(error, match=match):
+    fit_grid(x, **kwargs)

@@ -170,16 +170,16 @@ def test_crd_mode_counts():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(family="t", bits=4, df=2.0), "df"),
-    (dict(family="t", bits=4, df=1.5), "df"),
-    (dict(family="t", bits=4), "df"),
-    (dict(family="normal", bits=4, df=5.0), "df"),
-    (dict(family="cauchy", bits=4), "family"),
-    (dict(family="normal", bits=1), "bits"),
-    (dict(family="normal", bits=9), "bits"),
-    (dict(family="normal", bits=4, scaling="max"), "scaling"),
-    (dict(family="normal", bits=4, scaling="signmax", symmetric=True), "signmax"),
-    (dict(family="normal", bits=4, block_size=2), "block_size"),
+    ({"family": "t", "bits": 4, "df": 2.0}, "df"),
+    ({"family": "t", "bits": 4, "df": 1.5}, "df"),
+    ({"family": "t", "bits": 4}, "df"),
+    ({"family": "normal", "bits": 4, "df": 5.0}, "df"),
+    ({"family": "cauchy", "bits": 4}, "family"),
+    ({"family": "normal", "bits": 1}, "bits"),
+    ({"family": "normal", "bits": 9}, "bits"),
+    ({"family": "normal", "bits": 4, "scaling": "max"}, "scaling"),
+    ({"family": "normal", "bits": 4, "scaling": "signmax", "symmetric": True}, "signmax"),
+    ({"family": "normal", "bits": 4, "block_size": 2}, "block_size"),
 ])
 def test_crd_bad_input(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
@@ -201,6 +201,26 @@ def test_crd_bad_input(kwargs, match):
 ])
 def test_builders_bad_input(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
+    call()
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: formats.uniform_grid(3, math.nan), ValueError, "max_value=nan"),
+    (lambda: formats.uniform_grid(3, math.inf), ValueError, "max_value=inf"),
+    (lambda: formats.uniform_grid(3, True), TypeError, "max_value=True"),  # once grid3-max1
+    (lambda: formats.uniform_grid(3, "1"), TypeError, "max_value='1'"),
+    (lambda: formats.uniform_grid(3.0), TypeError, "n=3.0"),
+    (lambda: formats.fp_format(2.0, 1), TypeError, "exponent_bits=2.0"),
+    (lambda: formats.crd_format("t", 4, df=math.inf), ValueError, "df=inf"),
+    (lambda: formats.crd_format("t", 4, df=True), TypeError, "df=True"),
+    # A bool block size was once recorded, giving the name 'lut2-BTrue:…' that does not parse.
+    (lambda: formats.lut_format([-1, 0, 0.5, 1], 2, block_size=True), TypeError,
+     "block_size=True"),
+    (lambda: formats.Format(np.array([0.0, 1.0]), 1, "x", block_size=0), ValueError,
+     "block_size=0"),
+])
+def test_builders_refuse_numbers_of_the_wrong_type_or_range(call, error, match):
+  with pytest.raises(error, match=match):
     call()
 
 

@@ -106,3 +106,37 @@ def test_bad_input():
     formats.lloyd_max(np.ones(10), 2, init="kmeans")
   with pytest.raises(ValueError, match="bits"):
     formats.lloyd_max(np.ones(10), 9)
+
+
+@pytest.mark.parametrize("scaling", ["rms", "signmax"])
+def test_fit_lloyd_max_refuses_a_constant_tensor_that_leaves_one_codepoint(scaling):
+  # Every scaled value is -1 (rms) or +1 (signmax): the codebook collapses to it (absmax keeps
+  # its fixed ends ±1, so a constant tensor gets a two-value codebook there).
+  with pytest.raises(ValueError, match="collapsed to the single value -?1:"):
+    jq.fitting.fit_lloyd_max(np.full((8, 64), -2.0, np.float32), 2, scaling=scaling)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"max_iters": -1}, ValueError, "max_iters=-1"),
+    ({"max_iters": 2.5}, TypeError, "max_iters=2.5"),
+    ({"tol": float("nan")}, ValueError, "tol=nan"),  # once stopped at once, returning init
+    ({"tol": -1.0}, ValueError, "tol=-1.0"),
+    ({"fixed_endpoints": (float("nan"), 1.0)}, ValueError, r"fixed_endpoints\[0\]=nan"),
+    ({"fixed_endpoints": (1.0, -1.0)}, ValueError, "low < high"),
+    ({"fixed_endpoints": (1.0, 2.0, 3.0)}, TypeError, "fixed_endpoints="),
+    ({"weights": np.full(64, np.nan, np.float32)}, ValueError, "weights must be finite"),
+    ({"init": np.array([0, 1, 2, np.inf])}, ValueError, "init must be finite"),
+])
+def test_lloyd_max_refuses_arguments_that_are_not_sane(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    formats.lloyd_max(np.linspace(-1, 1, 64), 2, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"scaling": "max"}, ValueError, "scaling='max'"),  # once a KeyError
+    ({"axis": 2}, ValueError, "axis=2"),  # once wrapped silently to axis 0
+    ({"weights": np.ones(64)}, ValueError, r"weights has shape \(64,\)"),
+])
+def test_fit_lloyd_max_refuses_bad_arguments(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    jq.fitting.fit_lloyd_max(RNG.standard_normal((4, 64)).astype(np.float32), 2, **kwargs)

@@ -184,7 +184,7 @@ def test_pytree_and_repr():
   assert rebuilt.size == x.shape[-1] * 96 and rebuilt.ndim == 2
   text = repr(oq)
   assert text.startswith("OutlierQuantisedArray(shape=(320, 96), dtype=float32, ")
-  assert f"n_outliers={round(320 * 96 * 2**-6)}" in text and "dense=QuantisedArray(" in text
+  assert f"n_outliers={320 * 96 // 2**6}" in text and "dense=QuantisedArray(" in text
 
 
 @pytest.mark.parametrize("fraction, error", [

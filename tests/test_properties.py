@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from quantise_reference import quantise_reference
 
 import jaxquant as jq
-from quantise_reference import quantise_reference
 
 FORMAT_NAMES = (
     "int2", "int3", "int4", "int8", "int3-sym", "int4-sym", "e2m1", "e3m2", "e2m3", "e4m3",
@@ -119,10 +119,10 @@ def check_against_reference(x, spec):
     q, exact = jq.qarray.quantise_with_scales(x, spec)
   fmt = spec.format
   granularity = spec.block_size if isinstance(spec.block_size, str) else "block"
-  kwargs = dict(axis=spec.axis, block_size=spec.block_size, granularity=granularity,
-                scaling=spec.scaling, scale_dtype=spec.scale_dtype,
-                double_quant=spec.double_quant,
-                rho=rms_reference(fmt) if spec.scaling == "rms" else None)
+  kwargs = {"axis": spec.axis, "block_size": spec.block_size, "granularity": granularity,
+            "scaling": spec.scaling, "scale_dtype": spec.scale_dtype,
+            "double_quant": spec.double_quant,
+            "rho": rms_reference(fmt) if spec.scaling == "rms" else None}
   if spec.scaling == "rms":
     # Sums differ in order between XLA and numpy: compare the scales to float32 precision,
     # then follow the library's scales bit for bit.

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from quantise_reference import quantise_reference
 
 import jaxquant as jq
 from jaxquant import formats
-from quantise_reference import quantise_reference
 
 RNG = np.random.default_rng(0)
 
@@ -215,8 +215,8 @@ def test_rms_scale_search_never_loses_to_the_plain_rms_scale():
         x, plain.dequantise()) + 1e-7
 
 
-@pytest.mark.parametrize("storage", [dict(scale_dtype="bfloat16"), dict(scale_dtype="e8m0"),
-                                     dict(scale_dtype="float32"), dict(double_quant=True)],
+@pytest.mark.parametrize("storage", [{"scale_dtype": "bfloat16"}, {"scale_dtype": "e8m0"},
+                                     {"scale_dtype": "float32"}, {"double_quant": True}],
                          ids=str)
 def test_nonfinite_input_raises_and_propagates_under_jit(storage):
   x = np.ones((2, 64), np.float32)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from jaxquant import _arguments
 from jaxquant.nn.rules import Rule
 from jaxquant.qarray import QuantSpec
 
@@ -51,10 +52,10 @@ def _check_same_keys(first: Mapping, second: Mapping, names: str) -> None:
                      f"{sorted(set(second) - set(first))}")
 
 
-def _positive(values: Mapping, name: str) -> None:
-  bad = {k: v for k, v in values.items() if not (math.isfinite(v) and v > 0)}
+def _finite(values: Mapping, name: str, *, positive: bool = False) -> None:
+  bad = {k: v for k, v in values.items() if not (math.isfinite(v) and (v > 0 or not positive))}
   if bad:
-    raise ValueError(f"{name} must be finite and > 0; got {bad}")
+    raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}; got {bad}")
 
 
 def fisher_offsets(rms: Mapping[str, float], fisher_means: Mapping[str, float]
@@ -72,8 +73,8 @@ def fisher_offsets(rms: Mapping[str, float], fisher_means: Mapping[str, float]
     ValueError: the keys differ or a value is not finite and positive.
   """
   _check_same_keys(rms, fisher_means, "rms, fisher_means")
-  _positive(rms, "rms")
-  _positive(fisher_means, "fisher_means")
+  _finite(rms, "rms", positive=True)
+  _finite(fisher_means, "fisher_means", positive=True)
   return {path: math.log2(rms[path]) + 0.5 * math.log2(fisher_means[path]) for path in rms}
 
 
@@ -89,10 +90,13 @@ def boosted_layers(paths: Iterable[str], n_first: int = 2, n_last: int = 2,
     >>> paths = ["embed"] + [f"layers/{i}/mlp/up" for i in range(6)]
     >>> boosted_layers(paths)
     ['embed', 'layers/0/mlp/up', 'layers/1/mlp/up', 'layers/4/mlp/up', 'layers/5/mlp/up']
+
+  Raises:
+    ValueError: `n_first` or `n_last` is below 0.
+    TypeError: `n_first` or `n_last` is not an int.
   """
-  for name, n in (("n_first", n_first), ("n_last", n_last)):
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-      raise ValueError(f"{name}={n!r} must be an int >= 0")
+  n_first = _arguments.integer("n_first", n_first, low=0)
+  n_last = _arguments.integer("n_last", n_last, low=0)
   paths, names = list(paths), tuple(names)
   index = {path: int(match.group(1)) for path in paths
            if (match := _LAYER_INDEX.search(path))}
@@ -109,8 +113,10 @@ def heuristic_offsets(paths: Iterable[str], boosted: Iterable[str],
   Orr et al. 2025, §5, boosting `boosted_layers(paths)`.
 
   Raises:
-    ValueError: a boosted path is not among `paths`.
+    ValueError: a boosted path is not among `paths`, or `boost` is not finite.
+    TypeError: `boost` is not a real number.
   """
+  boost = _arguments.real("boost", boost)
   paths, boosted = list(paths), set(boosted)
   if not boosted <= set(paths):
     raise ValueError(f"boosted paths {sorted(boosted - set(paths))} are not among paths")
@@ -118,8 +124,17 @@ def heuristic_offsets(paths: Iterable[str], boosted: Iterable[str],
 
 
 def mean_bits(bits: Mapping[str, float], sizes: Mapping[str, int]) -> float:
-  """Σ_t N_t b_t / Σ_t N_t, the bits per parameter of an allocation (float64)."""
+  """Σ_t N_t b_t / Σ_t N_t, the bits per parameter of an allocation (float64).
+
+  Raises:
+    ValueError: the keys differ, no tensors, a size not a finite number > 0, or a bits value
+      not finite.
+  """
   _check_same_keys(bits, sizes, "bits, sizes")
+  if not bits:
+    raise ValueError("bits is empty")
+  _finite(sizes, "sizes", positive=True)
+  _finite(bits, "bits")
   n = np.asarray([sizes[path] for path in bits], np.float64)
   b = np.asarray([bits[path] for path in bits], np.float64)
   return float(np.sum(n * b) / np.sum(n))
@@ -182,25 +197,29 @@ def distribute(offsets: Mapping[str, float], sizes: Mapping[str, int], average_b
     average_bits: the target mean b̄, within [min_bits, max_bits].
     integer: round to integer bits (fixed-length formats) or keep them fractional
       (compressed formats).
-    min_bits, max_bits: the clip range; integers when `integer`. The paper floors at 2 bits,
-      3 for floating-point formats.
+    min_bits, max_bits: the clip range, finite with 0 ≤ `min_bits` ≤ `max_bits`; integers
+      when `integer`. The paper floors at 2 bits, 3 for floating-point formats.
 
   Returns:
     b_t per tensor in the order of `offsets`: ints when `integer`, else floats.
 
   Raises:
-    ValueError: the keys differ, no tensors, a size ≤ 0, an offset not finite, or a bad range.
-    TypeError: `integer` is not a bool.
+    ValueError: the keys differ, no tensors, a size ≤ 0, an offset not finite, `min_bits` not
+      a finite number ≥ 0, `max_bits` not a finite number ≥ `min_bits`, or `average_bits` not
+      a finite number between them.
+    TypeError: `integer` is not a bool, or a bits argument is not a real number.
   """
   if not isinstance(integer, bool):
     raise TypeError(f"{integer=} must be a bool")
   _check_same_keys(offsets, sizes, "offsets, sizes")
   if not offsets:
     raise ValueError("offsets is empty")
-  _positive(sizes, "sizes")
-  if not all(math.isfinite(v) for v in offsets.values()):
-    raise ValueError(f"offsets must be finite; got {dict(offsets)}")
-  if integer and not (float(min_bits).is_integer() and float(max_bits).is_integer()):
+  _finite(sizes, "sizes", positive=True)
+  _finite(offsets, "offsets")
+  min_bits = _arguments.real("min_bits", min_bits, low=0.0)
+  max_bits = _arguments.real("max_bits", max_bits, low=min_bits)
+  average_bits = _arguments.real("average_bits", average_bits)
+  if integer and not (min_bits.is_integer() and max_bits.is_integer()):
     raise ValueError(f"{min_bits=} and {max_bits=} must be integers when integer=True")
   if not min_bits <= average_bits <= max_bits:
     raise ValueError(f"{average_bits=} must lie in [{min_bits=}, {max_bits=}]")

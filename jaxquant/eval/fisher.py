@@ -26,6 +26,7 @@ Typical use:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Mapping
 
 import jax
@@ -183,7 +184,8 @@ def predicted_kl(fisher: Mapping, deltas: Mapping[str, jax.Array]) -> float:
     The predicted KL divergence in nats (a float).
 
   Raises:
-    ValueError: the keys differ, or an array Fisher entry is not shaped like its δθ_t.
+    ValueError: the keys differ, an array Fisher entry is not shaped like its δθ_t, a Fisher
+      entry is negative or not finite, or a δθ_t is not finite (its ½ Σ F δθ² is not).
   """
   if set(fisher) != set(deltas):
     raise ValueError(f"fisher and deltas must have the same keys; only in fisher: "
@@ -195,5 +197,10 @@ def predicted_kl(fisher: Mapping, deltas: Mapping[str, jax.Array]) -> float:
     if f.ndim and f.shape != delta.shape:
       raise ValueError(f"fisher[{path!r}] has shape {f.shape} but deltas[{path!r}] has shape "
                        f"{delta.shape}")
-    total += 0.5 * float(jnp.sum(f * jnp.square(delta)))
+    if not bool(jnp.all(jnp.isfinite(f) & (f >= 0))):
+      raise ValueError(f"fisher[{path!r}] must be finite and >= 0 (a diagonal Fisher)")
+    term = 0.5 * float(jnp.sum(f * jnp.square(delta)))
+    if not math.isfinite(term):
+      raise ValueError(f"deltas[{path!r}] must be finite: its ½ Σ F δθ² is {term}")
+    total += term
   return total

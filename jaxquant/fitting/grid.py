@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import _arguments
 from jaxquant import scaling as scaling_lib
 from jaxquant.entropy import sizes, symbols
 from jaxquant.formats import Format, lut_format, uniform_grid
@@ -43,15 +44,15 @@ def _scaled_values(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, int]:
   """y = x/s (flattened), s the scales `quantise(x, spec)` stores, decoded; and their bits.
 
   Unlike `jaxquant.fitting.scaled_values`, s is the scale as stored (rounded to its storage
-  dtype): y is the very quotient `quantise` rounds (an all-zero block, s = 0, is divided by 1),
-  so the codes of y on any grid with the same scale reference as `spec.format` are those
-  `quantise` gives x with that grid.
+  dtype): y is the very quotient `quantise` rounds (`jaxquant.scaling.divide`; 0 in a block
+  whose scale is 0), so the codes of y on any grid with the same scale reference as
+  `spec.format` are those `quantise` gives x with that grid.
   """
   q = quantise(x, spec)
   scales = scaling_lib.decode_scales(q.scales, q.scale_scales)
-  scales = jnp.repeat(jnp.where(scales == 0, 1.0, scales), q.block_size, axis=q.axis)
+  scales = jnp.repeat(scales, q.block_size, axis=q.axis)
   scales = jax.lax.slice_in_dim(scales, 0, q.shape[q.axis], axis=q.axis)
-  return (x / scales).reshape(-1), sizes.scale_bits(q.scales, q.scale_scales)
+  return scaling_lib.divide(x, scales).reshape(-1), sizes.scale_bits(q.scales, q.scale_scales)
 
 
 @jax.jit
@@ -185,8 +186,9 @@ def fit_grid(x, bits_per_param: float, *, scaling: str = "rms", block_size="tens
   ``jaxquant.entropy.coded_size(quantise(x, spec))["ideal_bits_per_param"]`` ≤ `bits_per_param`.
 
   Args:
-    x: the tensor (any shape, finite, not all zero).
-    bits_per_param: target average bits per element, scales included (fractional allowed).
+    x: the tensor (any shape, finite, not all zero or subnormal).
+    bits_per_param: target average bits per element, scales included (a finite number > 0,
+      fractional allowed).
     scaling: ``"rms"`` or ``"absmax"``.
     block_size: an int (blocks along `axis`), ``"channel"`` or ``"tensor"``.
     axis: the axis blocks run along.
@@ -198,18 +200,19 @@ def fit_grid(x, bits_per_param: float, *, scaling: str = "rms", block_size="tens
     scale_dtype=scale_dtype, axis=axis)``; for rms the format is the lookup table of the grid.
 
   Raises:
-    ValueError: `bits_per_param` is outside the rates the grids reach (from 3 points, all
-      codes 0 for rms, to 255 points or the rms rate's maximum), or `x`, `scaling`,
-      `block_size`, `axis` or `scale_dtype` is invalid.
+    ValueError: `bits_per_param` is not a finite number > 0 or is outside the rates the grids
+      reach (from 3 points, all codes 0 for rms, to 255 points or the rms rate's maximum), or
+      `x`, `scaling`, `block_size`, `axis` or `scale_dtype` is invalid.
+    TypeError: `bits_per_param` is not a real number or `clip` is not a bool.
     RuntimeError: no grid the search accepted keeps its rate once quantised (an internal
       inconsistency between the histogram and `quantise`).
   """
   if scaling not in _FIT_SCALINGS:
     raise ValueError(f"{scaling=} must be one of {_FIT_SCALINGS}")
-  x = jnp.asarray(np.asarray(x, np.float32))
-  if x.size == 0 or not bool(jnp.all(jnp.isfinite(x))) or not bool(jnp.any(x)):
-    raise ValueError("x must be a non-empty finite array that is not all zero")
-  bits_per_param = float(bits_per_param)
+  bits_per_param = _arguments.real("bits_per_param", bits_per_param, low=0.0, low_open=True)
+  if not isinstance(clip, bool):
+    raise TypeError(f"{clip=} must be a bool")
+  x = jnp.asarray(_arguments.fitting_input(x))
   scale_dtype = scale_dtype or ("float32" if block_size == "tensor" else "bfloat16")
   probe_format = uniform_grid(3) if scaling == "absmax" else _rms_format(np.array([-1.0, 0, 1]))
   probe = QuantSpec(probe_format, block_size=block_size, scaling=scaling,

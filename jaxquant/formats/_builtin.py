@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxquant import _arguments
 from jaxquant.formats._format import Format, check_bits, format_number
 
 # QLoRA's NormalFloat4 (Dettmers et al. 2023, bitsandbytes `create_normal_map`), as published.
@@ -57,13 +58,16 @@ def fp_format(exponent_bits: int, mantissa_bits: int) -> Format:
   Returns:
     The `Format` named ``e{E}m{M}``.
 
+  Raises:
+    TypeError: `exponent_bits` or `mantissa_bits` is not an int.
+    ValueError: E < 1, M < 0, or 1 + E + M outside 2..8.
+
   Example:
     >>> fp_format(2, 1).values[7:].tolist()
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
   """
-  for name, value, low in (("exponent_bits", exponent_bits, 1), ("mantissa_bits", mantissa_bits, 0)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-      raise ValueError(f"{name}={value!r} must be an int >= {low}")
+  exponent_bits = _arguments.integer("exponent_bits", exponent_bits, low=1)
+  mantissa_bits = _arguments.integer("mantissa_bits", mantissa_bits, low=0)
   bits = check_bits(1 + exponent_bits + mantissa_bits)
   bias = 2 ** (exponent_bits - 1) - 1
   mantissa = np.arange(2**mantissa_bits) / 2**mantissa_bits
@@ -110,11 +114,13 @@ def uniform_grid(n: int, max_value: float = 1.0) -> Format:
 
   Returns:
     The `Format` named ``grid{n}-max{max_value}``, with ceil(log2 n) bits.
+
+  Raises:
+    TypeError: `n` is not an int or `max_value` not a real number.
+    ValueError: `n` is outside 2..256 or `max_value` is not a finite number > 0.
   """
-  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 2 <= n <= 256:
-    raise ValueError(f"{n=} must be an int in 2..256")
-  if not np.isfinite(max_value) or max_value <= 0:
-    raise ValueError(f"{max_value=} must be a finite number > 0")
+  n = _arguments.integer("n", n, low=2, high=256)
+  max_value = _arguments.real("max_value", max_value, low=0.0, low_open=True)
   bits = max(1, int(np.ceil(np.log2(n))))
   values = np.linspace(-max_value, max_value, n)
   if n % 2:

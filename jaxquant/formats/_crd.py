@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxquant import distributions
+from jaxquant import _arguments, distributions
 from jaxquant.formats._format import Format, check_bits, check_scaling, format_number
 
 FAMILIES = ("normal", "laplace", "t")
@@ -19,11 +19,8 @@ def _family_distribution(family: str, df):
     return distributions.Normal() if family == "normal" else distributions.Laplace()
   if df is None:
     raise ValueError("df must be given for family='t' (a number > 2)")
-  if isinstance(df, bool) or not isinstance(df, (int, float, np.integer, np.floating)):
-    raise TypeError(f"{df=} must be a number > 2")
-  if not np.isfinite(df) or df <= 2:
-    raise ValueError(f"{df=} must be a finite number > 2 (the cube-root density needs ν > 2)")
-  return distributions.StudentT(float(df))
+  # The cube-root density of a Student-t needs ν > 2.
+  return distributions.StudentT(_arguments.real("df", df, low=2.0, low_open=True))
 
 
 def cdf_positions(n: int, scaling: str, symmetric: bool) -> np.ndarray:
@@ -95,6 +92,12 @@ def crd_format(family: str, bits: int, *, scaling: str = "absmax", block_size: i
   Returns:
     A `Format` named like ``crd-t7-absmax-sym-4b-B64`` that records its scaling and block size.
 
+  Raises:
+    ValueError: a bad `family`, `bits`, `scaling` or mode; `df` given for a family other than
+      "t", or missing or not a finite number > 2 for "t"; `block_size` below the family's
+      minimum (4; 2 for Laplace).
+    TypeError: `bits`, `df` or `block_size` of the wrong type.
+
   Example:
     >>> fmt = crd_format("normal", 3, scaling="absmax", block_size=64, symmetric=False)
     >>> print(" ".join(f"{v:.4f}" for v in fmt.values))
@@ -114,9 +117,7 @@ def crd_format(family: str, bits: int, *, scaling: str = "absmax", block_size: i
     density = data.with_unit_rms().cube_root()
     block_size = None
   else:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-      raise TypeError(f"{block_size=} must be an int >= 4")
-    block_size = int(block_size)
+    block_size = _arguments.integer("block_size", block_size)
     spread = data.expected_absmax(block_size)
     density = distributions.Truncated(data.cube_root().scaled(1.0 / spread), -1.0, 1.0)
   values = np.asarray(density.ppf(u.astype(np.float32)), dtype=np.float64)

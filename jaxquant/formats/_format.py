@@ -7,17 +7,15 @@ import math
 
 import numpy as np
 
+from jaxquant import _arguments
+
 SCALINGS = ("absmax", "signmax", "rms")
 MIN_BITS, MAX_BITS = 1, 8
 
 
 def check_bits(bits, *, low: int = 2, high: int = MAX_BITS) -> int:
   """Returns `bits` as an int, or raises naming the argument and the allowed range."""
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-    raise TypeError(f"{bits=} must be an int in {low}..{high}")
-  if not low <= bits <= high:
-    raise ValueError(f"{bits=} must be in {low}..{high}")
-  return int(bits)
+  return _arguments.integer("bits", bits, low=low, high=high)
 
 
 def check_scaling(scaling) -> str:
@@ -69,8 +67,9 @@ class Format:
       raise ValueError(f"values of format {self.name!r} must be strictly increasing")
     if self.scaling is not None:
       check_scaling(self.scaling)
-    if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
-      raise ValueError(f"block_size={self.block_size!r} must be a positive int or None")
+    if self.block_size is not None:
+      object.__setattr__(self, "block_size",
+                         _arguments.integer("block_size", self.block_size, low=1))
     values.setflags(write=False)
     object.__setattr__(self, "values", values)
     object.__setattr__(self, "bits", bits)

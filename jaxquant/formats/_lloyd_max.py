@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import _arguments
 from jaxquant.formats._format import Format, check_bits, check_scaling, format_number
 
 _CHUNK = 256  # samples per chunk of the two-level prefix sums (see `_segment_sums`)
@@ -92,7 +93,25 @@ def _initial_codebook(init, xs, ws, n_codes):
   init = jnp.asarray(init, jnp.float32).reshape(-1)
   if init.shape[0] != n_codes:
     raise ValueError(f"init has {init.shape[0]} values; {n_codes} are needed")
+  if not bool(jnp.all(jnp.isfinite(init))):
+    raise ValueError("init must be finite (as float32)")
   return jnp.sort(init)
+
+
+def _fixed_ends(fixed_endpoints) -> tuple[float | None, float | None]:
+  """(low, high) of `fixed_endpoints` (None, True or a pair of finite numbers or None)."""
+  if fixed_endpoints is None:
+    return None, None
+  if fixed_endpoints is True:
+    return -1.0, 1.0
+  if not isinstance(fixed_endpoints, (tuple, list)) or len(fixed_endpoints) != 2:
+    raise TypeError(f"{fixed_endpoints=} must be None, True or a pair (low, high) of numbers "
+                    "or None")
+  low, high = (None if end is None else _arguments.real(f"fixed_endpoints[{i}]", end)
+               for i, end in enumerate(fixed_endpoints))
+  if low is not None and high is not None and not low < high:
+    raise ValueError(f"{fixed_endpoints=} must have low < high")
+  return low, high
 
 
 def lloyd_max(samples, bits: int, *, weights=None, init="quantile", fixed_endpoints=None,
@@ -117,16 +136,26 @@ def lloyd_max(samples, bits: int, *, weights=None, init="quantile", fixed_endpoi
       an array of 2^bits values (e.g. a CRD format, so the result can only improve on it).
     fixed_endpoints: hold the lowest/highest codepoint at given values: True means (-1, 1),
       the exact ends for absmax-scaled data; a pair such as (None, 1.0) fixes one end.
-    max_iters: iteration cap.
-    tol: stop when at most `tol`·n samples change range in an iteration.
+    max_iters: iteration cap, an int ≥ 0 (0 returns `init`).
+    tol: stop when at most `tol`·n samples change range in an iteration (a number ≥ 0).
     scaling, block_size: what the samples were scaled with, recorded in the Format.
 
   Returns:
     A `Format` whose name lists its values, e.g. ``lut4-absmax-B64:-1,-0.62…``.
+
+  Raises:
+    ValueError: fewer than 2^bits samples; samples, weights, init or fixed ends not finite;
+      negative weights or a zero total; fixed ends not low < high; `max_iters` < 0 or `tol`
+      < 0 (or NaN); or the codebook collapses to one value (the samples with positive weight,
+      and the fixed ends, are all that value).
+    TypeError: `bits`, `max_iters`, `tol` or `fixed_endpoints` is of the wrong type.
   """
   bits = check_bits(bits)
   if scaling is not None:
     check_scaling(scaling)
+  max_iters = _arguments.integer("max_iters", max_iters, low=0)
+  tol = _arguments.real("tol", tol, low=0.0)
+  low, high = _fixed_ends(fixed_endpoints)
   xs = np.asarray(samples, np.float32).reshape(-1)
   n_codes = 2**bits
   if xs.shape[0] < n_codes:
@@ -139,21 +168,22 @@ def lloyd_max(samples, bits: int, *, weights=None, init="quantile", fixed_endpoi
     ws = np.asarray(weights, np.float32).reshape(-1)
     if ws.shape != xs.shape:
       raise ValueError(f"weights has {ws.shape[0]} values; samples has {xs.shape[0]}")
-    if np.any(ws < 0) or not np.any(ws > 0):
-      raise ValueError("weights must be non-negative with a positive total")
+    if not np.all(np.isfinite(ws)) or np.any(ws < 0) or not np.any(ws > 0):
+      raise ValueError("weights must be finite and non-negative with a positive total")
     order = np.argsort(xs, kind="stable")
     xs, ws = xs[order], ws[order]
   xs, ws = jnp.asarray(xs), jnp.asarray(ws)  # sorted once on the host: XLA's CPU sort is ~6× slower
-  if fixed_endpoints is True:
-    fixed_endpoints = (-1.0, 1.0)
-  low, high = fixed_endpoints or (None, None)
   start = _initial_codebook(init, xs, ws, n_codes)
   nan = float("nan")
   centroids, _ = _lloyd_iterate(
       xs, ws, start.astype(jnp.float32),
       jnp.float32(nan if low is None else low), jnp.float32(nan if high is None else high),
-      jnp.float32(tol), max_iters=int(max_iters))
+      jnp.float32(tol), max_iters=max_iters)
   values = np.unique(np.asarray(centroids, np.float64))
+  if values.size < 2:
+    raise ValueError(f"the codebook collapsed to the single value {values[0]:g}: the samples "
+                     "with positive weight (and the fixed ends) take only that value, and a "
+                     "format needs at least two")
   return lut_format(values, bits, scaling=scaling, block_size=block_size)
 
 
