@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,26 +242,112 @@ def test_missing_or_corrupt_metadata_raises(scratch, tmp_path):
   with pytest.raises(ValueError, match="jaxquant.json is not valid JSON"):
     checkpoint.restore(scratch, target)
   (scratch / "jaxquant.json").write_text(text)
-  edit_metadata(scratch, lambda m: m.update(format_version=99))
-  with pytest.raises(ValueError, match="format_version 99 is not supported"):
-    checkpoint.read_metadata(scratch)
-  edit_metadata(scratch, lambda m: m.update(format_version=checkpoint.FORMAT_VERSION))
-  edit_metadata(scratch, lambda m: m["packing"].update(layout_version=99))
-  with pytest.raises(ValueError, match="packing layout .*'layout_version': 99.* is not supported"):
-    checkpoint.restore(scratch, target)
-  edit_metadata(scratch, lambda m: m["packing"].update(layout_version=1))
   edit_metadata(scratch, lambda m: m["leaves"]["up/bias"].pop("sha256"))
   with pytest.raises(ValueError, match="the entry of leaf 'up/bias' is malformed"):
     checkpoint.restore(scratch, target)
 
 
+WRITTEN_BY = rf"\(it was written by jaxquant {re.escape(jq.__version__)}\)"
+READER = rf"this jaxquant \({re.escape(jq.__version__)}\) reads"
+
+
+def put_layout_version(where, version):
+  """An edit of jaxquant.json: the packing layout_version at top level or of leaf up/kernel."""
+  def edit(metadata):
+    if where == "packing":
+      metadata["packing"]["layout_version"] = version
+    else:
+      metadata["leaves"]["up/kernel"]["quantised_array"]["layout_version"] = version
+  return edit
+
+
+@pytest.mark.parametrize("where", ["packing", "leaf"])
+def test_load_refuses_a_newer_layout_version_naming_both(scratch, where):
+  newer = jq.packing.LAYOUT_VERSION + 1
+  edit_metadata(scratch, put_layout_version(where, newer))
+  leaf = r" \(leaf 'up/kernel'\)" if where == "leaf" else ""
+  with pytest.raises(ValueError, match=(
+      rf"checkpoint at .*scratch has layout_version {newer}{leaf}, newer than the layout_version "
+      rf"{jq.packing.LAYOUT_VERSION} {READER} {WRITTEN_BY}: upgrade jaxquant to load it$")):
+    checkpoint.restore(scratch, abstract_quantised())
+
+
+@pytest.mark.parametrize("where", ["packing", "leaf"])
+def test_load_refuses_an_older_layout_version_naming_both(scratch, where):
+  older = jq.packing.LAYOUT_VERSION - 1
+  edit_metadata(scratch, put_layout_version(where, older))
+  leaf = r" \(leaf 'up/kernel'\)" if where == "leaf" else ""
+  with pytest.raises(ValueError, match=(
+      rf"has layout_version {older}{leaf}, older than the layout_version "
+      rf"{jq.packing.LAYOUT_VERSION} {READER} {WRITTEN_BY}: this jaxquant reads no other$")):
+    checkpoint.read_metadata(scratch)
+
+
+@pytest.mark.parametrize("where", ["packing", "leaf"])
+def test_load_refuses_another_packing_layout_naming_both(scratch, where):
+  def edit(metadata):
+    static = (metadata["packing"] if where == "packing"
+              else metadata["leaves"]["up/kernel"]["quantised_array"])
+    static["layout"] = "bitstream-u8"
+  edit_metadata(scratch, edit)
+  leaf = r" \(leaf 'up/kernel'\)" if where == "leaf" else ""
+  with pytest.raises(ValueError, match=(
+      rf"packs codes{leaf} in layout 'bitstream-u8', but this jaxquant \(.*\) reads only "
+      rf"'{jq.packing.LAYOUT}' {WRITTEN_BY}$")):
+    checkpoint.restore(scratch, abstract_quantised())
+
+
+@pytest.mark.parametrize("version, relation, advice", [
+    (checkpoint.FORMAT_VERSION + 1, "newer", "upgrade jaxquant to load it"),
+    (checkpoint.FORMAT_VERSION - 1, "older", "this jaxquant reads no other"),
+])
+def test_load_refuses_another_format_version_naming_both(scratch, version, relation, advice):
+  edit_metadata(scratch, lambda m: m.update(format_version=version, jaxquant_version="9.0.1"))
+  with pytest.raises(ValueError, match=(
+      rf"has format_version {version}, {relation} than the format_version "
+      rf"{checkpoint.FORMAT_VERSION} {READER} \(it was written by jaxquant 9\.0\.1\): "
+      rf"{advice}$")):
+    checkpoint.restore(scratch, abstract_quantised())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("format_version", 2.0), ("format_version", "2"), ("format_version", True),
+    ("layout_version", 1.0), ("layout_version", "1"), ("layout_version", True),
+])
+def test_load_refuses_a_version_that_is_not_an_integer(scratch, field, value):
+  edit_metadata(scratch, (lambda m: m.update(format_version=value)) if field == "format_version"
+                else put_layout_version("packing", value))
+  with pytest.raises(ValueError, match=rf"not a valid jaxquant checkpoint: {field} "
+                                       rf"{re.escape(repr(value))} is not an integer"):
+    checkpoint.read_metadata(scratch)
+
+
+@pytest.mark.parametrize("version", [None, 1, 0.1, "", "latest", "v0.1.0", "0.1.0 ", "0.1.0+",
+                                     "01.0"])
+def test_load_refuses_a_jaxquant_version_that_is_not_a_version_string(scratch, version):
+  edit_metadata(scratch, lambda m: m.update(jaxquant_version=version))
+  with pytest.raises(ValueError, match=rf"jaxquant_version {re.escape(repr(version))} is not a "
+                                       r"version string \(PEP 440\)"):
+    checkpoint.restore(scratch, abstract_quantised())
+
+
+def test_jaxquant_version_is_provenance_and_changes_nothing_loaded(saved, scratch):
+  """Another writer's version string is read back as such; the weights are the saved ones."""
+  model, outputs, _ = saved
+  edit_metadata(scratch, lambda m: m.update(jaxquant_version="0.3.0.dev2+g1a2b3c"))
+  assert checkpoint.read_metadata(scratch)["jaxquant_version"] == "0.3.0.dev2+g1a2b3c"
+  restored = checkpoint.restore(scratch, abstract_quantised())
+  assert_trees_identical(nnx.state(restored), nnx.state(model))
+  np.testing.assert_array_equal(restored(IDS), outputs, strict=True)
+
+
 @pytest.mark.parametrize("kwargs, rules, message", [
-    (dict(hidden=384), RULES,
-     r"leaf 'down/kernel': shape is \[512, 256\] in the checkpoint but \[384, 256\] in the "
-     r"target"),
-    (dict(param_dtype=jnp.bfloat16), RULES,
+    ({"hidden": 384}, RULES,
+     (r"leaf 'down/kernel': shape is \[512, 256\] in the checkpoint but \[384, 256\] in the "
+      r"target")),
+    ({"param_dtype": jnp.bfloat16}, RULES,
      r"array 'down/bias' is .*'float32'.* in the checkpoint but .*'bfloat16'.* in the target"),
-    (dict(use_bias=False), RULES, "leaf 'down/bias' is in the checkpoint but not in the target"),
+    ({"use_bias": False}, RULES, "leaf 'down/bias' is in the checkpoint but not in the target"),
     ({}, [jq.Rule("down", None), jq.Rule(".*", NF4)],
      "leaf 'down/kernel' is a QuantisedArray in the checkpoint but an array in the target"),
     ({}, [jq.Rule(".*", jq.QuantSpec("nf4", block_size=32))],
@@ -274,13 +361,13 @@ def test_mismatching_model_raises(saved, kwargs, rules, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(bits=3), "leaf 'up/kernel': bits is 4 in the checkpoint but 3"),
-    (dict(block_size=128), "leaf 'up/kernel': block_size is 64 in the checkpoint but 128"),
-    (dict(axis=1), "leaf 'up/kernel': axis is 0 in the checkpoint but 1"),
-    (dict(layout="bitstream-u8"),
+    ({"bits": 3}, "leaf 'up/kernel': bits is 4 in the checkpoint but 3"),
+    ({"block_size": 128}, "leaf 'up/kernel': block_size is 64 in the checkpoint but 128"),
+    ({"axis": 1}, "leaf 'up/kernel': axis is 0 in the checkpoint but 1"),
+    ({"layout": "bitstream-u8"},
      "leaf 'up/kernel': layout is 'bitstream-u32' in the checkpoint but 'bitstream-u8'"),
-    (dict(layout_version=2), "leaf 'up/kernel': layout_version is 1 in the checkpoint but 2"),
-    (dict(scale_scales=jax.ShapeDtypeStruct((1,), jnp.float32)),
+    ({"layout_version": 2}, "leaf 'up/kernel': layout_version is 1 in the checkpoint but 2"),
+    ({"scale_scales": jax.ShapeDtypeStruct((1,), jnp.float32)},
      "array 'up/kernel/scale_scales' is only in the target"),
 ])
 def test_mismatching_quantised_array_metadata_raises(saved, change, message):

@@ -6,14 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jaxquant as jq
+from entropy_reference import CHUNK_BYTES as _CHUNK_BYTES
 from entropy_reference import WEIGHT_SHAPE as _WEIGHT_SHAPE
+from entropy_reference import framed_payload as _framed_payload
 from entropy_reference import ideal_rate as _ideal_rate
 from entropy_reference import logical_codes as _logical_codes
 from entropy_reference import n_values as _n_values
 from entropy_reference import scale_bits as _scale_bits
 from entropy_reference import student_t as _student_t
+
+import jaxquant as jq
 from jaxquant import entropy
 from jaxquant.fitting import fit_grid
 
@@ -42,7 +44,7 @@ def test_huffman_single_present_symbol_and_deterministic():
   # Ties break by symbol, then merge order: the lengths and canonical codewords are fixed.
   tied = entropy.HuffmanCode.from_counts([5, 5, 5, 5, 1, 1])
   assert tied.lengths.tolist() == [3, 2, 2, 2, 4, 4]
-  expected = "".join(["00", "01", "10", "110", "1110", "1111"])  # symbols 1, 2, 3, 0, 4, 5
+  expected = "00011011011101111"  # codewords 00 01 10 110 1110 1111 of symbols 1, 2, 3, 0, 4, 5
   assert np.unpackbits(np.frombuffer(tied.encode([1, 2, 3, 0, 4, 5]), np.uint8))[:17].tolist() == [
       int(bit) for bit in expected]
   with pytest.raises(ValueError, match="no codeword"):
@@ -102,12 +104,17 @@ def _check_compressed(q):
   decoded = compressed.decompress()
   _assert_identical(decoded, q)
   np.testing.assert_array_equal(np.asarray(decoded.dequantise()), np.asarray(q.dequantise()))
-  # The Huffman payload in whole bytes + 5-bit code lengths, one per value of the format (the
-  # codebook's padding to 2**bits entries is no symbol) + the scales as stored.
+  # The payload is the Huffman stream in whole bytes and its CRC-32 checks; the storage is the
+  # payload + 5-bit code lengths, one per value of the format (the codebook's padding to
+  # 2**bits entries is no symbol) + the scales as stored.
   codes = _logical_codes(q).reshape(-1)
   n_symbols = _n_values(q)
-  lengths = entropy.HuffmanCode.from_counts(np.bincount(codes, minlength=n_symbols)).lengths
-  expected = 8 * -(-int(np.sum(lengths[codes])) // 8) + 5 * n_symbols + _scale_bits(q)
+  code = entropy.HuffmanCode.from_counts(np.bincount(codes, minlength=n_symbols))
+  stream = code.encode(codes)
+  assert len(stream) == -(-int(np.sum(code.lengths[codes])) // 8)
+  payload = _framed_payload(stream, code.lengths, q.shape)
+  assert compressed.payload == payload
+  expected = 8 * len(payload) + 5 * n_symbols + _scale_bits(q)
   assert compressed.scale_bits == _scale_bits(q)
   assert compressed.storage_bits == expected
   assert compressed.bits_per_param == expected / codes.size
@@ -213,3 +220,102 @@ def test_codebook_padding_costs_nothing():
     entropy.compress(tampered)
   with pytest.raises(ValueError, match="codebook's padding"):
     entropy.coded_size(tampered)
+
+
+@pytest.fixture(scope="module")
+def multi_chunk():
+  """(q, compress(q), its stream length): a payload of 5 chunks, the last one partial."""
+  q = jq.quantise(_student_t((300, 256)), jq.QuantSpec("nf4", block_size=64, axis=0))
+  compressed = entropy.compress(q)
+  stream_bytes = int.from_bytes(compressed.payload[-12:-4], "big")  # The footer's length field.
+  assert compressed.payload == _framed_payload(compressed.payload[:stream_bytes],
+                                               compressed.code.lengths, q.shape)
+  assert -(-stream_bytes // _CHUNK_BYTES) == 5 and stream_bytes % _CHUNK_BYTES
+  return q, compressed, stream_bytes
+
+
+def _refused(compressed, payload, message):
+  """A payload is refused when the array is built, and by `decompress` on an array whose
+  payload changed after it was built (the frozen dataclass bypassed)."""
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(compressed, payload=payload)
+  tampered = dataclasses.replace(compressed)
+  object.__setattr__(tampered, "payload", payload)
+  with pytest.raises(ValueError, match=message):
+    tampered.decompress()
+
+
+# Flipped bits as (payload byte, bit) pairs, from the stream's and the payload's lengths, and
+# the chunks the message must name (or "length"/"context": the footer's field that is hit).
+_FLIPS = {
+    "stream-start": (lambda stream, total: [(0, 7)], [0]),
+    "middle-of-chunk-2": (lambda stream, total: [(2 * _CHUNK_BYTES + 4000, 3)], [2]),
+    "last-stream-byte": (lambda stream, total: [(stream - 1, 0)], [4]),
+    "two-chunks": (lambda stream, total: [(_CHUNK_BYTES + 17, 1), (3 * _CHUNK_BYTES + 5, 6)],
+                   [1, 3]),
+    "crc-of-chunk-3": (lambda stream, total: [(stream + 4 * 3 + 2, 4)], [3]),
+    "length-field": (lambda stream, total: [(total - 12 + 7, 0)], "length"),
+    "context-crc": (lambda stream, total: [(total - 1, 5)], "context"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FLIPS))
+def test_decompress_refuses_a_payload_with_flipped_bits(multi_chunk, name):
+  q, compressed, stream_bytes = multi_chunk
+  flips, expected = _FLIPS[name]
+  payload = bytearray(compressed.payload)
+  for byte, bit in flips(stream_bytes, len(payload)):
+    payload[byte] ^= 1 << bit
+  payload = bytes(payload)
+  if name == "middle-of-chunk-2":  # Unchecked, the flip decodes to other codes without a word.
+    decoded = compressed.code.decode(payload[:stream_bytes], q.size)
+    assert np.any(decoded != _logical_codes(q).reshape(-1))
+  if expected == "length":
+    message = "its footer records a .*-byte stream.*truncated or extended, or its length field"
+  elif expected == "context":
+    message = r"context CRC-32 does not match its code lengths and shape \(300, 256\)"
+  else:
+    chunks = ", ".join(map(str, expected))
+    start = expected[0] * _CHUNK_BYTES
+    end = min(start + _CHUNK_BYTES, stream_bytes) - 1
+    message = (rf"the payload is corrupt: chunks? {chunks} of chunks 0\.\.4 \(8192 stream bytes "
+               rf"each\) fails? CRC-32; chunk {expected[0]} spans stream bytes {start}\.\.{end}$")
+  _refused(compressed, payload, message)
+
+
+@pytest.mark.parametrize("change", ["drop-1", "drop-footer-and-more", "keep-5", "empty", "append-1",
+                                    "append-a-copy-of-the-footer"])
+def test_decompress_refuses_a_truncated_or_extended_payload(multi_chunk, change):
+  _, compressed, _ = multi_chunk
+  payload = compressed.payload
+  payload = {"drop-1": payload[:-1], "drop-footer-and-more": payload[:-20], "keep-5": payload[:5],
+             "empty": b"", "append-1": payload + b"\0",
+             "append-a-copy-of-the-footer": payload + payload[-12:]}[change]
+  message = (f"the payload is {len(payload)} bytes, shorter than its 12-byte footer"
+             if len(payload) < 12 else
+             f"the payload is {len(payload)} bytes, but its footer records a .*truncated or "
+             "extended")
+  _refused(compressed, payload, message)
+
+
+def test_decompress_refuses_a_reframed_stream_too_short_for_the_shape(multi_chunk):
+  """A shorter stream framed with valid checks is refused by the decoder, not read short."""
+  q, compressed, stream_bytes = multi_chunk
+  short = _framed_payload(compressed.payload[:stream_bytes - 100], compressed.code.lengths,
+                          q.shape)
+  with pytest.raises(ValueError, match=f"fewer than n={q.size} codewords"):
+    dataclasses.replace(compressed, payload=short).decompress()
+
+
+def test_a_payload_is_refused_with_another_code_or_shape(multi_chunk):
+  q, compressed, _ = multi_chunk
+  other = entropy.compress(jq.quantise(_student_t((300, 256), seed=3) ** 3,
+                                       jq.QuantSpec("nf4", block_size=64, axis=0)))
+  assert other.code.n_symbols == compressed.code.n_symbols
+  assert not np.array_equal(other.code.lengths, compressed.code.lengths)
+  message = "context CRC-32 does not match its code lengths and shape"
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(compressed, code=other.code)
+  with pytest.raises(ValueError, match=rf"{message} \(256, 300\)"):
+    dataclasses.replace(compressed, metadata={**compressed.metadata, "shape": (256, 300)})
+  _assert_identical(dataclasses.replace(compressed).decompress(), q)

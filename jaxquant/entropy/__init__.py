@@ -10,8 +10,9 @@ uniform grid beat the best fixed-length codebooks at equal bits (the grid that m
 fixed-length storage.
 
 Modules: `huffman` (the codec and ideal code lengths of symbol streams), `symbols` (the codes
-of a `QuantisedArray` as symbols, and back), `sizes` (bits under each coding), `coded_array`
-(`EntropyCodedArray`, `compress`).
+of a `QuantisedArray` as symbols, and back), `framing` (the payload: the Huffman stream with
+its CRC-32 checks), `sizes` (bits under each coding), `coded_array` (`EntropyCodedArray`,
+`compress`).
 """
 
 from jaxquant.entropy.coded_array import EntropyCodedArray as EntropyCodedArray
@@ -22,5 +23,5 @@ from jaxquant.entropy.huffman import HuffmanCode as HuffmanCode
 from jaxquant.entropy.huffman import ideal_bits as ideal_bits
 from jaxquant.entropy.sizes import coded_size as coded_size
 
-__all__ = ["EntropyCodedArray", "HuffmanCode", "LENGTH_FIELD_BITS", "MAX_CODE_LENGTH",
+__all__ = ["LENGTH_FIELD_BITS", "MAX_CODE_LENGTH", "EntropyCodedArray", "HuffmanCode",
            "coded_size", "compress", "ideal_bits"]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import packing
-from jaxquant.entropy import sizes, symbols
+from jaxquant.entropy import framing, sizes, symbols
 from jaxquant.entropy.huffman import HuffmanCode
 from jaxquant.qarray import QuantisedArray
 
@@ -34,19 +34,32 @@ class EntropyCodedArray:
   codebook are kept as stored. `decompress` rebuilds the packed, fixed-length `QuantisedArray`
   bit for bit, for `qmatmul`: compressed storage and fast inference coexist.
 
+  The payload carries CRC-32 checks (`jaxquant.entropy.framing`: one per 8192-byte chunk of
+  the Huffman stream, its length and one over the code lengths and shape), verified when the
+  array is built and again before every decode: a flipped bit, a truncated or extended
+  payload, or a payload paired with another code or shape raises instead of decoding to other
+  codes. The checks cover what decodes the codes; the scales, codebook and other metadata
+  are held as given, as in a `QuantisedArray`.
+
   Storage: 8·len(payload) + `LENGTH_FIELD_BITS`·K (the code table) + scale bits
-  (+ second-level scale bits). K is read off the codebook (`symbols.alphabet_size`): its
+  (+ second-level scale bits), the checks included: 32·⌈S/8192⌉ + 96 bits for an S-byte
+  stream, about 1/2048 of its bits. K is read off the codebook (`symbols.alphabet_size`): its
   padding to 2**bits entries gets no table entry. The codebook is not counted, as in
   `QuantisedArray.storage_bits`.
 
   Attributes:
-    payload: the codewords of the codes, MSB-first, zero-padded to whole bytes.
+    payload: the codewords of the codes, MSB-first, zero-padded to whole bytes, then their
+      checks (`jaxquant.entropy.framing`).
     code: the `HuffmanCode` over the format's K symbols.
     scales: the stored scales (numpy, their storage dtype).
     scale_scales: the stored second-level scales, or None.
     codebook: the float32 codebook, padded to 2**bits entries as in the `QuantisedArray`.
     metadata: the `QuantisedArray`'s static fields (shape, dtype, axis, block_size, bits,
       granularity, layout, layout_version), read-only.
+
+  Raises:
+    ValueError: the payload fails its checks (`jaxquant.entropy.framing.verified_stream`
+      says how: truncated or extended, another code's or shape's, or which chunk is corrupt).
   """
 
   payload: bytes
@@ -65,6 +78,7 @@ class EntropyCodedArray:
         object.__setattr__(self, name, leaf)
     object.__setattr__(self, "payload", bytes(self.payload))
     object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
+    framing.verified_stream(self.payload, self.code, self.shape)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -81,8 +95,9 @@ class EntropyCodedArray:
 
   @property
   def storage_bits(self) -> int:
-    """8·len(payload) + code table + scale bits (+ second level); the codebook is not counted."""
-    return sizes.huffman_bits(8 * len(self.payload), self.code, self.scale_bits)
+    """8·len(payload) (checks included) + code table + scale bits (+ second level); the
+    codebook is not counted."""
+    return sizes.huffman_bits(len(self.payload), self.code, self.scale_bits)
 
   @property
   def bits_per_param(self) -> float:
@@ -107,10 +122,16 @@ class EntropyCodedArray:
                                 self.scale_bits)
 
   def _codes(self) -> np.ndarray:
-    return self.code.decode(self.payload, self.size).reshape(self.shape)
+    """The logical codes, decoded once the payload passes its checks."""
+    stream = framing.verified_stream(self.payload, self.code, self.shape)
+    return self.code.decode(stream, self.size).reshape(self.shape)
 
   def decompress(self) -> QuantisedArray:
-    """The `QuantisedArray` that was compressed, bit for bit (codes, scales, codebook, metadata)."""
+    """The `QuantisedArray` that was compressed, bit for bit (codes, scales, codebook, metadata).
+
+    Raises:
+      ValueError: the payload fails its checks (see `EntropyCodedArray`).
+    """
     meta = self.metadata
     words = symbols.packed_words(self._codes(), self.codebook, meta["axis"], meta["block_size"],
                                  meta["bits"])
@@ -151,7 +172,7 @@ def compress(q: QuantisedArray) -> EntropyCodedArray:
     >>> q = jq.quantise(w, jq.QuantSpec("int4", block_size=64))
     >>> compressed = jq.entropy.compress(q)
     >>> compressed.bits_per_param, compressed.fixed_bits_per_param
-    (3.412109375, 4.25)
+    (3.443359375, 4.25)
     >>> bool(jnp.all(compressed.decompress().codes == q.codes))
     True
   """
@@ -160,5 +181,5 @@ def compress(q: QuantisedArray) -> EntropyCodedArray:
   metadata = {field.name: getattr(q, field.name) for field in dataclasses.fields(q)
               if field.name not in _ARRAY_FIELDS}
   scale_scales = None if q.scale_scales is None else np.asarray(q.scale_scales)
-  return EntropyCodedArray(code.encode(codes), code, np.asarray(q.scales), scale_scales,
-                           np.asarray(q.codebook), metadata)
+  return EntropyCodedArray(framing.frame(code.encode(codes), code, q.shape), code,
+                           np.asarray(q.scales), scale_scales, np.asarray(q.codebook), metadata)

@@ -2,8 +2,10 @@
 
 With N elements, S the bits of the stored scales (second-level ones included) and c the codes
 over the format's K values: ideal = (-Σ log2 p̂(cᵢ) + S)/N with the +1-smoothed histogram p̂
-(`huffman.ideal_bits`), Huffman = (8·⌈Σ length(cᵢ)/8⌉ + `LENGTH_FIELD_BITS`·K + S)/N, and
-fixed = the packed storage. The codebook is counted in none of them.
+(`huffman.ideal_bits`), Huffman = (8·P + `LENGTH_FIELD_BITS`·K + S)/N with P the bytes of
+the payload (the ⌈Σ length(cᵢ)/8⌉ bytes of codewords and their CRC-32 checks,
+`framing.framed_length`), and fixed = the packed storage. The codebook is counted in none of
+them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.entropy import huffman, symbols
+from jaxquant.entropy import framing, huffman, symbols
 from jaxquant.qarray import QuantisedArray
 
 
@@ -26,9 +28,9 @@ def histogram_rate(counts: np.ndarray, n_scale_bits: int) -> float:
   return (huffman.histogram_bits(counts) + n_scale_bits) / int(np.sum(counts))
 
 
-def huffman_bits(payload_bits: int, code: huffman.HuffmanCode, n_scale_bits: int) -> int:
-  """8·⌈payload_bits/8⌉ + the code table + S: the codewords in whole bytes, table and scales."""
-  return 8 * -(-payload_bits // 8) + code.table_bits + n_scale_bits
+def huffman_bits(payload_bytes: int, code: huffman.HuffmanCode, n_scale_bits: int) -> int:
+  """8·payload_bytes + the code table + S: the payload (codewords and checks), table and scales."""
+  return 8 * payload_bytes + code.table_bits + n_scale_bits
 
 
 def coded_size(q: QuantisedArray) -> dict:
@@ -37,7 +39,8 @@ def coded_size(q: QuantisedArray) -> dict:
   With N elements, S the scale bits as stored (second-level ones included) and c the codes:
   ideal = (-Σ log2 p̂(cᵢ) + S)/N with the +1-smoothed histogram p̂ over the format's values
   (`ideal_bits`; Orr et al. 2025, §1); Huffman = `compress(q).bits_per_param` =
-  (8·⌈Σ length(cᵢ)/8⌉ + table + S)/N; fixed = the packed storage, `q.bits_per_param`.
+  (8·P + table + S)/N, with P = `framing.framed_length`(⌈Σ length(cᵢ)/8⌉) the bytes of the
+  codewords and their CRC-32 checks; fixed = the packed storage, `q.bits_per_param`.
   The codebook's padding to 2**bits entries is no symbol: it costs neither smoothing mass
   nor table entries.
 
@@ -57,6 +60,7 @@ def coded_size(q: QuantisedArray) -> dict:
   stored = scale_bits(q.scales, q.scale_scales)
   return {
       "ideal_bits_per_param": histogram_rate(counts, stored),
-      "huffman_bits_per_param": huffman_bits(int(counts @ code.lengths), code, stored) / q.size,
+      "huffman_bits_per_param": huffman_bits(
+          framing.framed_length(-(-int(counts @ code.lengths) // 8)), code, stored) / q.size,
       "fixed_bits_per_param": q.bits_per_param,
   }

@@ -32,7 +32,15 @@ A checkpoint is a local directory holding two entries:
   SHA-256 of its bytes (C order, little-endian; a PRNG key array its `jax.random.key_data`); a
   `QuantisedArray` records its static metadata and the same for each of its arrays.
   ``format_version`` is `FORMAT_VERSION`, bumped whenever this layout changes; ``packing``
-  names the bit layout of the codes (`jaxquant.packing`).
+  names the bit layout of the codes (`jaxquant.packing`; each `QuantisedArray` names it too).
+  These two decide how the file is read: a checkpoint whose format_version or layout_version
+  (top level or any leaf) is not the one this jaxquant reads is refused, and the message names
+  both versions (a newer one means: upgrade jaxquant). ``jaxquant_version`` is the
+  `jaxquant.__version__` that wrote the file: provenance, named in those refusals. It does not
+  decide how the file is read (a later jaxquant writing the same format_version writes files
+  this one reads), so it changes nothing that is loaded; it must be a PEP 440 version string
+  (PEP 440, Appendix B: the canonical public version, with an optional local label), else the
+  file is refused as invalid.
 
 `restore` needs a target of the saved structure (orbax restores against an abstract tree, and
 the static metadata must come from the model's code). It checks the target against
@@ -51,6 +59,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -73,6 +82,10 @@ _STATIC_FIELDS = ("bits", "block_size", "axis", "granularity",
                   "shape", "dtype", "layout", "layout_version")
 _PARTS = ("codes", "scales", "codebook", "scale_scales")
 _ARRAY_KEYS = {"shape", "dtype", "sha256"}
+# PEP 440, Appendix B: a canonical public version, then an optional local version label.
+_VERSION = re.compile(r"([1-9][0-9]*!)?(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*"
+                      r"((a|b|rc)(0|[1-9][0-9]*))?(\.post(0|[1-9][0-9]*))?(\.dev(0|[1-9][0-9]*))?"
+                      r"(\+[a-z0-9]+(\.[a-z0-9]+)*)?")
 
 
 def _pure(tree):
@@ -215,6 +228,31 @@ def _require(condition: bool, path: str, problem: str) -> None:
     raise ValueError(f"{path} is not a valid jaxquant checkpoint: {problem}")
 
 
+def _check_version(path: str, name: str, where: str, found, supported: int,
+                   written_by: str) -> None:
+  """Refuses `found` unless it is the `supported` version called `name`, naming both."""
+  _require(isinstance(found, int) and not isinstance(found, bool), path,
+           f"{name} {found!r}{where} is not an integer")
+  if found != supported:
+    newer = found > supported
+    raise ValueError(
+        f"the checkpoint at {path} has {name} {found}{where}, {'newer' if newer else 'older'} "
+        f"than the {name} {supported} this jaxquant ({jaxquant.__version__}) reads{written_by}: "
+        + ("upgrade jaxquant to load it" if newer else "this jaxquant reads no other"))
+
+
+def _check_packing(path: str, where: str, layout, written_by: str) -> None:
+  """Refuses a packing layout other than the one this jaxquant reads, naming both."""
+  _require(isinstance(layout, dict) and set(layout) == {"layout", "layout_version"}, path,
+           f"packing {layout!r}{where} is malformed")
+  if layout["layout"] != packing.LAYOUT:
+    raise ValueError(f"the checkpoint at {path} packs codes{where} in layout "
+                     f"{layout['layout']!r}, but this jaxquant ({jaxquant.__version__}) reads "
+                     f"only {packing.LAYOUT!r}{written_by}")
+  _check_version(path, "layout_version", where, layout["layout_version"],
+                 packing.LAYOUT_VERSION, written_by)
+
+
 def _valid_array_entry(entry) -> bool:
   return (isinstance(entry, dict) and set(entry) == _ARRAY_KEYS
           and isinstance(entry["shape"], list)
@@ -227,8 +265,10 @@ def read_metadata(path) -> dict[str, Any]:
 
   Raises:
     FileNotFoundError: `path` is not a directory.
-    ValueError: ``jaxquant.json`` is missing, is not valid JSON, has an unknown
-      ``format_version`` or packing layout, or lacks a field this format requires.
+    ValueError: ``jaxquant.json`` is missing or is not valid JSON; its ``format_version``, its
+      packing layout or a leaf's is not the one this jaxquant reads (newer or older: the
+      message names both versions); its ``jaxquant_version`` is not a PEP 440 version string;
+      or it lacks a field this format requires.
   """
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
@@ -244,15 +284,15 @@ def read_metadata(path) -> dict[str, Any]:
                      f"JSON ({error})") from None
   _require(isinstance(metadata, dict) and "format_version" in metadata, path,
            f"{_METADATA} has no format_version")
-  version = metadata["format_version"]
-  _require(version == FORMAT_VERSION, path, f"format_version {version!r} is not supported "
-           f"(this jaxquant reads format_version {FORMAT_VERSION})")
+  written = metadata.get("jaxquant_version")
+  written_by = f" (it was written by jaxquant {written})" if isinstance(written, str) else ""
+  _check_version(path, "format_version", "", metadata["format_version"], FORMAT_VERSION,
+                 written_by)
   _require(set(metadata) == {"format_version", "jaxquant_version", "packing", "leaves"}, path,
            f"{_METADATA} has fields {sorted(metadata)}")
-  layout = metadata["packing"]
-  current = {"layout": packing.LAYOUT, "layout_version": packing.LAYOUT_VERSION}
-  _require(layout == current, path, f"packing layout {layout!r} is not supported (this "
-           f"jaxquant packs codes as {current!r})")
+  _require(isinstance(written, str) and _VERSION.fullmatch(written) is not None, path,
+           f"jaxquant_version {written!r} is not a version string (PEP 440)")
+  _check_packing(path, "", metadata["packing"], written_by)
   _require(isinstance(metadata["leaves"], dict), path, "leaves is not a JSON object")
   for leaf_path, entry in metadata["leaves"].items():
     if isinstance(entry, dict) and "quantised_array" in entry:
@@ -265,6 +305,10 @@ def read_metadata(path) -> dict[str, Any]:
     else:
       valid = _valid_array_entry(entry)
     _require(valid, path, f"the entry of leaf {leaf_path!r} is malformed: {entry!r}")
+    if "quantised_array" in entry:
+      static = entry["quantised_array"]
+      _check_packing(path, f" (leaf {leaf_path!r})", {name: static[name] for name in (
+          "layout", "layout_version")}, written_by)
   return metadata
 
 
