@@ -366,8 +366,7 @@ def _scale_and_round(xb, codebook, inverse_reference, ceiling, static: _Static, 
     multiplier = candidates[jnp.argmin(jax.lax.map(squared_error, candidates))]
   exact, stored, decoded, codes = encode_and_round(multiplier)
   reduce_axes = tuple(range(xb.ndim)) if per_tensor else (static.axis + 1,)
-  nonzero = scaling.block_peak_bits(xb, reduce_axes) > 0
-  zeroed = jnp.sum(nonzero & (decoded == 0) & jnp.isfinite(statistic))
+  zeroed = scaling.zero_scaled_blocks(xb, decoded, statistic, reduce_axes)
   return stored, codes, exact, jnp.all(jnp.isfinite(statistic)), zeroed
 
 
@@ -390,7 +389,7 @@ def _quantise(x: jax.Array, codebook: jax.Array, inverse_reference: jax.Array,
 def dequantise(q: QuantisedArray, dtype=None) -> jax.Array:
   """The array a `QuantisedArray` represents: codebook[code] · scale, in `dtype`.
 
-  Computed in float32; magnitudes below 2^-126 are zero on every platform.
+  Computed in float32.
 
   Args:
     q: the quantised array, or a container built on one that dequantises itself (e.g.
@@ -410,7 +409,7 @@ def dequantise(q: QuantisedArray, dtype=None) -> jax.Array:
   blocked = values.reshape(values.shape[:axis] + (q.n_blocks, q.block_size) + values.shape[axis + 1:])
   scales = scaling.decode_scales(q.scales, q.scale_scales)
   w = scaling.from_blocks(blocked * jnp.expand_dims(scales, axis + 1), axis, n)
-  return scaling.flush_subnormals(w).astype(q.dtype if dtype is None else dtype)
+  return w.astype(q.dtype if dtype is None else dtype)
 
 
 def gather(q: QuantisedArray, indices: jax.Array, params: dict) -> jax.Array:

@@ -22,10 +22,9 @@ all-zero block) stays exactly zero.
 At the edges of float32 every step is defined so that it gives the same bits on every platform
 (XLA's CPU flushes subnormals to zero; other backends need not):
 
-- the block maxima are taken on the bit patterns (|x| as an unsigned integer orders like |x|),
-  so they are exact for every finite input; a block whose largest magnitude is below float32's
-  smallest normal number 2^-126 has statistic 0 (its elements are subnormal: read as zero), as
-  has any scale below 2^-126 after dividing by the reference;
+- a block whose largest magnitude is below float32's smallest normal number 2^-126 has
+  statistic 0 (its elements are subnormal: read as zero), as has any scale below 2^-126 after
+  dividing by the reference;
 - scales saturate at a ceiling c with c·max|v| finite in the dtype being quantised (see
   `scale_ceiling`), so every stored (scale, code) pair decodes to a finite value; a block with
   NaN or Inf gets a NaN scale;
@@ -51,8 +50,6 @@ _STORAGE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
             "float8_e4m3fn": jnp.float8_e4m3fn, "e8m0": jnp.float8_e8m0fnu}
 _E4M3_MAX = 448.0
 DOUBLE_QUANT_GROUP = 256
-_TINY_BITS = 0x00800000  # its bit pattern; magnitudes below it are subnormal
-_INF_BITS = 0x7F800000
 _MAGNITUDE = 0x7FFFFFFF
 _BIG = 2.0**124  # beyond this 1/s is subnormal or nearly so: `divide` rescales first
 _BIG_STEP = 2.0**-4
@@ -99,8 +96,8 @@ def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: 
   elements (the last block along an axis of length `n` may be partly padding). Reduced over
   the block axis, kept as a size-1 axis; with `per_tensor`, over everything.
 
-  The maxima are reduced on bit patterns, so they are exact on every platform; a block whose
-  elements are all below 2^-126 in magnitude has statistic 0, one with NaN or Inf has NaN.
+  The maxima are exact on every platform; a block whose elements are all below 2^-126 in
+  magnitude has statistic 0, one with NaN or Inf has NaN.
   The RMS is m·sqrt(mean((x/m)²)) with m = max|x|, which cannot overflow.
   """
   if per_tensor:  # one block spanning the tensor: no padding
@@ -111,29 +108,35 @@ def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: 
     shape = [1] * xb.ndim
     shape[axis] = xb.shape[axis]
     reduce_axes, count = (axis + 1,), jnp.asarray(counts.astype(np.float32).reshape(shape))
-  bits = jax.lax.bitcast_convert_type(xb, jnp.uint32)
-  magnitude = bits & jnp.uint32(_MAGNITUDE)
   if scaling == "signmax":
-    # One key per element orders by magnitude first, then puts the positive sign above.
-    key = jnp.max((magnitude << 1) | ((bits >> 31) ^ 1), axis=reduce_axes, keepdims=True)
-    peak = key >> 1
-    extreme = jax.lax.bitcast_convert_type(peak, jnp.float32)
-    statistic = jnp.where((key & 1) == 1, extreme, -extreme)
+    high = jnp.max(xb, axis=reduce_axes, keepdims=True)
+    low = jnp.min(xb, axis=reduce_axes, keepdims=True)
+    statistic = jnp.where(-low > high, low, high)
+    peak = jnp.abs(statistic)
   else:
-    peak = block_peak_bits(xb, reduce_axes)
-    statistic = jax.lax.bitcast_convert_type(peak, jnp.float32)
+    peak = statistic = jnp.max(jnp.abs(xb), axis=reduce_axes, keepdims=True)
     if scaling == "rms":
-      unit = divide(xb, statistic)
-      statistic = statistic * jnp.sqrt(jnp.sum(jnp.square(unit), axis=reduce_axes,
-                                               keepdims=True) / count)
-  statistic = jnp.where(peak < _TINY_BITS, 0.0, statistic)
-  return jnp.where(peak >= _INF_BITS, jnp.nan, statistic)
+      unit = divide(xb, peak)
+      statistic = peak * jnp.sqrt(jnp.sum(jnp.square(unit), axis=reduce_axes, keepdims=True)
+                                  / count)
+  # A normal maximum is exact whether or not a platform reads subnormals as zero; a block of
+  # subnormals has a subnormal maximum or 0, and is 0 here either way.
+  statistic = jnp.where(peak < FLOAT32_TINY, 0.0, statistic)
+  return jnp.where(jnp.isfinite(statistic), statistic, jnp.nan)
 
 
-def block_peak_bits(xb: jax.Array, reduce_axes: tuple[int, ...]) -> jax.Array:
-  """max|x| over `reduce_axes` as the uint32 bit pattern of a float32 (exact: subnormals too)."""
-  magnitude = jax.lax.bitcast_convert_type(xb, jnp.uint32) & jnp.uint32(_MAGNITUDE)
-  return jnp.max(magnitude, axis=reduce_axes, keepdims=True)
+def zero_scaled_blocks(xb: jax.Array, decoded: jax.Array, statistic: jax.Array,
+                       reduce_axes: tuple[int, ...]) -> jax.Array:
+  """How many finite blocks hold a nonzero element (subnormals included) but a zero scale.
+
+  Read from the bits, since a platform that reads subnormals as zero cannot see them; the
+  pass over the elements runs only when some scale is zero.
+  """
+  def count(_):
+    magnitude = jax.lax.bitcast_convert_type(xb, jnp.int32) & _MAGNITUDE
+    nonzero = jnp.any(magnitude != 0, axis=reduce_axes, keepdims=True)
+    return jnp.sum(nonzero & (decoded == 0) & jnp.isfinite(statistic))
+  return jax.lax.cond(jnp.any(decoded == 0), count, lambda _: jnp.int32(0), None)
 
 
 def divide(x: jax.Array, s: jax.Array) -> jax.Array:
@@ -141,17 +144,11 @@ def divide(x: jax.Array, s: jax.Array) -> jax.Array:
 
   XLA rewrites a division by a broadcast scale as a multiplication by its reciprocal, and
   1/s is subnormal (flushed to zero on CPU) for |s| > 2^126. Here both factors are first
-  multiplied by 2^-4 when |s| ≥ 2^124 (exact), so 1/s stays normal; subnormal x and
-  quotients below 2^-126 in magnitude are 0, on every platform.
+  multiplied by 2^-4 when |s| ≥ 2^124 (exact), so 1/s stays normal.
   """
   step = jnp.where(jnp.abs(s) >= _BIG, _BIG_STEP, 1.0).astype(jnp.float32)
   reciprocal = jnp.where(s == 0, 0.0, 1.0 / jnp.where(s == 0, 1.0, s * step))
-  return flush_subnormals((flush_subnormals(x) * step) * reciprocal)
-
-
-def flush_subnormals(x: jax.Array) -> jax.Array:
-  """x with magnitudes below 2^-126 set to zero, as XLA's CPU does and every platform does here."""
-  return jnp.where(jnp.abs(x) < FLOAT32_TINY, 0.0, x)
+  return (x * step) * reciprocal
 
 
 def scale_ceiling(values: np.ndarray, dtype, scale_dtype: str | None) -> np.float32:

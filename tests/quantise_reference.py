@@ -3,8 +3,9 @@
 Written from the docstrings, loop-free numpy with explicit float32 rounding at each documented
 step: block statistics (exact maxima; subnormal blocks read as zero), scale = statistic·(1/ρ),
 saturation at the documented ceiling, each scale storage, x·(1/s) with the 2^-4 rescale above
-2^124, nearest codepoint by counting midpoints below (ties low). It shares no code with the
-library. RMS statistics are sums, whose order differs between XLA and numpy: the reference
+2^124, nearest codepoint by counting midpoints below (ties low). Subnormal inputs and results
+are read and written as zero, as XLA's CPU does (where the suite runs; `jaxquant.scaling`
+leaves them to the platform). It shares no code with the library. RMS statistics are sums, whose order differs between XLA and numpy: the reference
 computes them in float64 and `quantise_reference` can take the library's float32 scales from
 there on, so that codes and stored scales are still compared bit for bit.
 """
