@@ -11,9 +11,11 @@ import jax.numpy as jnp
 from jaxquant import _arguments
 
 
-def _binary_exponent(a):
-  """The binary exponent e of max|a| (as `frexp`): 2^-e·max|a| is in [½, 1); 0 for a zero a."""
-  return jnp.frexp(jnp.max(jnp.abs(a)))[1]
+def _unit_factor(a):
+  """2^-e, e the binary exponent of max|a| (as `frexp`, clipped to ±126 so that 2^-e is a
+  normal float32): a·2^-e has its largest magnitude in [½, 1), exactly; 1 for a zero a."""
+  exponent = jnp.frexp(jnp.max(jnp.abs(a)))[1]
+  return jnp.ldexp(jnp.float32(1), jnp.clip(-exponent, -126, 126))
 
 
 def relative_rmse(w, w_hat, weights=None):
@@ -27,14 +29,13 @@ def relative_rmse(w, w_hat, weights=None):
   w, w_hat = jnp.asarray(w, jnp.float32), jnp.asarray(w_hat, jnp.float32)
   if w.shape != w_hat.shape:
     raise ValueError(f"w has shape {w.shape} but w_hat has shape {w_hat.shape}")
-  exponent = _binary_exponent(w)
-  w, w_hat = jnp.ldexp(w, -exponent), jnp.ldexp(w_hat, -exponent)
-  if weights is None:
-    weights = jnp.ones_like(w)
-  else:
+  factor = _unit_factor(w)
+  error, signal = jnp.square(w_hat * factor - w * factor), jnp.square(w * factor)
+  if weights is not None:
     weights = jnp.asarray(weights, jnp.float32)
-    weights = jnp.ldexp(weights, -_binary_exponent(weights))
-  return jnp.sqrt(jnp.sum(weights * jnp.square(w_hat - w)) / jnp.sum(weights * jnp.square(w)))
+    weights = weights * _unit_factor(weights)
+    error, signal = weights * error, weights * signal
+  return jnp.sqrt(jnp.sum(error) / jnp.sum(signal))
 
 
 def efficiency(w, w_hat, bits_per_param: float):

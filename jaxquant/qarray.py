@@ -180,7 +180,7 @@ class QuantisedArray:
     """`lax.gather(self, indices, **params)` that gathers packed codes, then dequantises."""
     return gather(self, indices, params)
 
-  def astype(self, dtype) -> "QuantisedArray":
+  def astype(self, dtype) -> QuantisedArray:
     """The same codes and scales read as an array of `dtype` (it only relabels)."""
     return dataclasses.replace(self, dtype=np.dtype(dtype))
 
@@ -272,6 +272,12 @@ def quantise(x, spec: QuantSpec | Format | str, *, check_finite: bool = True) ->
     TypeError: `x` is not a float array, or `spec` is not a `QuantSpec`, `Format` or name.
     ValueError: `axis` is out of range, `x` is empty, or `x` is not finite.
 
+  Warns:
+    UserWarning: (eagerly) blocks with nonzero values whose stored scale is zero: below
+      2^-126, or beyond the range of float8 or double-quantised scales relative to the
+      largest; they dequantise to zero. Scales saturate instead of overflowing (see
+      `jaxquant.scaling`), so every element dequantises to a finite value.
+
   Example:
     >>> import jax.numpy as jnp, jaxquant as jq
     >>> w = jnp.linspace(-1.0, 1.0, 256).reshape(128, 2)
@@ -303,15 +309,17 @@ def quantise_with_scales(x, spec: QuantSpec | Format | str, *, check_finite: boo
   inverse_reference = np.float32(1) / np.float32(scaling.format_reference(spec.format,
                                                                           spec.scaling))
   ceiling = scaling.scale_ceiling(spec.format.values, x.dtype, spec.scale_dtype)
-  words, scales, scale_scales, exact, finite, zeroed = _quantise(
+  words, scales, scale_scales, exact, finite, some_zero = _quantise(
       x, codebook, jnp.float32(inverse_reference), jnp.float32(ceiling), static)
   if not isinstance(finite, jax.core.Tracer):
     if check_finite and not bool(finite):
       beyond = " or (as float64) values beyond float32's range" if x.dtype == np.float64 else ""
       raise ValueError(f"x contains NaN or Inf{beyond}; quantise only finite arrays")
-    if int(zeroed):
+    # Counted apart (compiled only when some scale is zero, e.g. for all-zero blocks).
+    zeroed = int(_zero_scaled_blocks(x, scales, scale_scales, static)) if bool(some_zero) else 0
+    if zeroed:
       warnings.warn(
-          f"quantise: {int(zeroed)} block(s) of x with nonzero values have a stored scale of "
+          f"quantise: {zeroed} block(s) of x with nonzero values have a stored scale of "
           "zero and dequantise to zero: the scale is below float32's smallest normal number "
           f"({scaling.FLOAT32_TINY:.3g}), or below the range of float8 or double-quantised "
           "scales relative to the largest scale", stacklevel=2)
@@ -342,8 +350,8 @@ class _Static(NamedTuple):
 
 
 def _scale_and_round(xb, codebook, inverse_reference, ceiling, static: _Static, n: int):
-  """The stored scales, the nearest codes, the exact scales, a finiteness flag and the number
-  of blocks with nonzero values whose stored scale is zero."""
+  """The stored scales, the nearest codes, the exact scales, a finiteness flag and whether
+  some stored scale is zero."""
   per_tensor = static.granularity == "tensor"
   statistic = scaling.block_statistic(xb, static.scaling, static.axis, n, per_tensor)
   scales = statistic * inverse_reference
@@ -365,9 +373,7 @@ def _scale_and_round(xb, codebook, inverse_reference, ceiling, static: _Static, 
     candidates = jnp.asarray(scaling.scale_search_multipliers())
     multiplier = candidates[jnp.argmin(jax.lax.map(squared_error, candidates))]
   exact, stored, decoded, codes = encode_and_round(multiplier)
-  reduce_axes = tuple(range(xb.ndim)) if per_tensor else (static.axis + 1,)
-  zeroed = scaling.zero_scaled_blocks(xb, decoded, statistic, reduce_axes)
-  return stored, codes, exact, jnp.all(jnp.isfinite(statistic)), zeroed
+  return stored, codes, exact, jnp.all(jnp.isfinite(statistic)), jnp.any(decoded == 0)
 
 
 @functools.partial(jax.jit, static_argnums=4)
@@ -375,14 +381,22 @@ def _quantise(x: jax.Array, codebook: jax.Array, inverse_reference: jax.Array,
               ceiling: jax.Array, static: _Static):
   axis, n = static.axis, x.shape[static.axis]
   xb = scaling.to_blocks(x.astype(jnp.float32), axis, static.block_size)
-  (scales, scale_scales), codes, exact, finite, zeroed = _scale_and_round(
+  (scales, scale_scales), codes, exact, finite, some_zero = _scale_and_round(
       xb, codebook, inverse_reference, ceiling, static, n)
   codes = codes.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 1:])
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, -codes.shape[axis] % packing.GROUP)
   words = packing.pack(jnp.pad(codes, pad), static.bits, axis)
   return (words, jnp.squeeze(scales, axis + 1), scale_scales, jnp.squeeze(exact, axis + 1),
-          finite, zeroed)
+          finite, some_zero)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _zero_scaled_blocks(x, scales, scale_scales, static: _Static):
+  xb = scaling.to_blocks(x.astype(jnp.float32), static.axis, static.block_size)
+  decoded = jnp.expand_dims(scaling.decode_scales(scales, scale_scales), static.axis + 1)
+  reduce_axes = tuple(range(xb.ndim)) if static.granularity == "tensor" else (static.axis + 1,)
+  return scaling.zero_scaled_blocks(xb, decoded, reduce_axes)
 
 
 @functools.partial(jax.jit, static_argnums=1)

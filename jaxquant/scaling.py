@@ -125,18 +125,14 @@ def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: 
   return jnp.where(jnp.isfinite(statistic), statistic, jnp.nan)
 
 
-def zero_scaled_blocks(xb: jax.Array, decoded: jax.Array, statistic: jax.Array,
-                       reduce_axes: tuple[int, ...]) -> jax.Array:
-  """How many finite blocks hold a nonzero element (subnormals included) but a zero scale.
+def zero_scaled_blocks(xb: jax.Array, decoded: jax.Array, reduce_axes: tuple[int, ...]):
+  """How many blocks hold a nonzero element (subnormals included) but a zero decoded scale.
 
-  Read from the bits, since a platform that reads subnormals as zero cannot see them; the
-  pass over the elements runs only when some scale is zero.
+  Read from the bits, since a platform that reads subnormals as zero cannot see them.
   """
-  def count(_):
-    magnitude = jax.lax.bitcast_convert_type(xb, jnp.int32) & _MAGNITUDE
-    nonzero = jnp.any(magnitude != 0, axis=reduce_axes, keepdims=True)
-    return jnp.sum(nonzero & (decoded == 0) & jnp.isfinite(statistic))
-  return jax.lax.cond(jnp.any(decoded == 0), count, lambda _: jnp.int32(0), None)
+  magnitude = jax.lax.bitcast_convert_type(xb, jnp.int32) & _MAGNITUDE
+  nonzero = jnp.any(magnitude != 0, axis=reduce_axes, keepdims=True)
+  return jnp.sum(nonzero & (decoded == 0))
 
 
 def divide(x: jax.Array, s: jax.Array) -> jax.Array:
