@@ -174,7 +174,7 @@ def test_quantise_matches_the_numpy_reference_or_raises(case):
 
 
 @pytest.mark.slow
-@settings(PROPERTY, max_examples=250)
+@settings(PROPERTY, max_examples=120)
 @given(cases())
 def test_quantise_matches_the_numpy_reference_or_raises_many_cases(case):
   check_against_reference(*case)
@@ -230,7 +230,7 @@ def test_requantising_reproduces_codes_and_scales(case):
 
 
 @pytest.mark.slow
-@settings(PROPERTY, max_examples=100)
+@settings(PROPERTY, max_examples=50)
 @given(round_trip_cases())
 def test_requantising_reproduces_codes_and_scales_many_cases(case):
   check_round_trip(*case)
