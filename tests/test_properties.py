@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from quantise_reference import quantise_reference
+from quantise_reference import ceiling, quantise_reference
 
 import jaxquant as jq
 
@@ -132,8 +132,8 @@ def check_against_reference(x, spec):
       ratios = np.asarray(exact) / np.where(own == 0, 1, own)
       chosen = multipliers[np.argmin(np.abs(multipliers - np.max(ratios)))]
       own = own * chosen
-    ceiling = jq.scaling.scale_ceiling(fmt.values, x.dtype, spec.scale_dtype)
-    np.testing.assert_allclose(np.asarray(exact), np.clip(own, -ceiling, ceiling), rtol=2e-5,
+    top = ceiling(fmt.values, x.dtype, spec.scale_dtype)
+    np.testing.assert_allclose(np.asarray(exact), np.clip(own, -top, top), rtol=2e-5,
                                atol=1e-37)
     codes, decoded, _, w, zeroed = quantise_reference(x, fmt.values, exact_scales=exact,
                                                       **kwargs)
