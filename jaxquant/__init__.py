@@ -4,18 +4,21 @@ Formats (codebooks) come from quantisation theory (Panter–Dite's cube-root rul
 arrays are quantised in blocks with absmax, signmax or RMS scales and stored truly packed.
 """
 
+from jaxquant import calibration as calibration
 from jaxquant import distributions as distributions
 from jaxquant import entropy as entropy
 from jaxquant import fitting as fitting
 from jaxquant import formats as formats
+from jaxquant import gptq as gptq
+from jaxquant import interception as interception
 from jaxquant import metrics as metrics
 from jaxquant import outliers as outliers
 from jaxquant import packing as packing
 from jaxquant import scaling as scaling
-from jaxquant import interception as interception
 from jaxquant.contraction import dot_general as dot_general
 from jaxquant.contraction import qat_matmul as qat_matmul
 from jaxquant.contraction import qmatmul as qmatmul
+from jaxquant.nn.rules import Rule as Rule
 from jaxquant.ops import einsum as einsum
 from jaxquant.ops import take as take
 from jaxquant.qarray import QuantisedArray as QuantisedArray
@@ -24,7 +27,6 @@ from jaxquant.qarray import dequantise as dequantise
 from jaxquant.qarray import quantise as quantise
 from jaxquant.qat import FakeQuantised as FakeQuantised
 from jaxquant.qat import fake_quantise as fake_quantise
-from jaxquant.nn.rules import Rule as Rule
 
 # The Flax layers import Flax, so they load on first use: jaxquant.nnx, jaxquant.linen.
 _LAZY_MODULES = {"nnx": "jaxquant.nn.nnx", "linen": "jaxquant.nn.linen",
@@ -40,7 +42,8 @@ def __getattr__(name):
 __version__ = "0.1.0"
 
 __all__ = [
-    "FakeQuantised", "QuantSpec", "QuantisedArray", "Rule", "dequantise", "distributions",
-    "dot_general", "einsum", "entropy", "fake_quantise", "fitting", "formats", "interception",
-    "metrics", "outliers", "packing", "qat_matmul", "qmatmul", "quantise", "scaling", "take",
+    "FakeQuantised", "QuantSpec", "QuantisedArray", "Rule", "calibration", "dequantise",
+    "distributions", "dot_general", "einsum", "entropy", "fake_quantise", "fitting", "formats",
+    "gptq", "interception", "metrics", "outliers", "packing", "qat_matmul", "qmatmul",
+    "quantise", "scaling", "take",
 ]

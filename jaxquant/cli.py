@@ -5,6 +5,13 @@
     jaxquant report --model smollm2 --bits 3.5 4 --formats crd-t grid-ideal \
         --allocate flat fisher heuristic
     python -m jaxquant report --quick --out /tmp/report
+    jaxquant report --model smollm2 --bits 3 4 --formats nf4 int-signmax --method rtn gptq
+
+`jaxquant quantise` writes one quantised model as a checkpoint:
+
+    jaxquant quantise --model smollm2 --format int-signmax --bits 3 --method gptq --out q3
+    jaxquant quantise --model minilm --format nf4 --bits 4 --method rtn --out nf4 \
+        --export-dequantised nf4/weights.safetensors
 """
 
 from __future__ import annotations
@@ -54,7 +61,88 @@ def _parser() -> argparse.ArgumentParser:
                       help="folder for report.csv, report.json, report.png")
   report.add_argument("--quick", action="store_true",
                       help="fewer formats and less evaluation data (a fast smoke run)")
+  report.add_argument("--method", nargs="+", choices=("rtn", "gptq"), default=["rtn"],
+                      metavar="METHOD",
+                      help="rounding: rtn (round to nearest, default) and/or gptq (error-"
+                      "compensating, in act order, calibrated on text apart from the "
+                      "evaluation text); fixed-length formats only")
+  quantise = commands.add_parser(
+      "quantise", help="quantise a real model with one format into a checkpoint",
+      description="Quantise a real model's Linear layers with one format, by round-to-"
+      "nearest or GPTQ, write a jaxquant checkpoint and print its size and metric.")
+  quantise.add_argument("--model", choices=MODELS, default="smollm2",
+                        help="smollm2 (default) or minilm")
+  quantise.add_argument("--format", default="int-signmax", metavar="NAME",
+                        help="a fixed-length family of the report (nf4, int-signmax, "
+                        "crd-t-signmax, lloyd-max-signmax, ...) or a format name such as int4; "
+                        "default int-signmax")
+  quantise.add_argument("--bits", type=int, default=4, metavar="B",
+                        help="element bits, 2..8 (default 4)")
+  quantise.add_argument("--method", choices=("rtn", "gptq"), default="gptq",
+                        help="gptq (default) or rtn (round to nearest)")
+  quantise.add_argument("--block-size", type=int, default=64, metavar="B",
+                        help="block size along the input axis (default 64)")
+  quantise.add_argument("--calibration-file", type=pathlib.Path, metavar="F",
+                        help="UTF-8 text to calibrate GPTQ on (default: built-in text that is "
+                        "not the evaluation text)")
+  quantise.add_argument("--calibration-tokens", type=int, metavar="N",
+                        help="calibration tokens (default 4096 for smollm2; minilm: 8192)")
+  quantise.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                        help="GPTQ in activation order (default: on)")
+  quantise.add_argument("--damping", type=float, default=0.01,
+                        help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+  quantise.add_argument("--out", type=pathlib.Path, default=pathlib.Path("jaxquant-quantised"),
+                        help="folder for the checkpoint and quantise.json")
+  quantise.add_argument("--export-dequantised", type=pathlib.Path, metavar="FILE",
+                        help="also write every quantised weight dequantised to float32 "
+                        "(a .safetensors file), under the model file's tensor names")
   return parser
+
+
+def _writable(parser, flag: str, folder: pathlib.Path) -> None:
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".jaxquant-write-test"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as error:
+    parser.error(f"{flag} {folder}: cannot write there ({error.strerror or error})")
+
+
+def _check_quantise(args, parser):
+  """Validates `jaxquant quantise`'s arguments before any model is loaded."""
+  from jaxquant.eval import report  # pylint: disable=import-outside-toplevel
+  if not 2 <= args.bits <= 8:
+    parser.error(f"--bits {args.bits}: must be in 2..8")
+  if args.block_size < 1:
+    parser.error(f"--block-size {args.block_size}: must be a positive int")
+  try:
+    choice = report.choice_for(args.format)
+  except ValueError:
+    parser.error(f"--format: unknown format {args.format!r}; families are "
+                 f"{', '.join(report.STANDARD)}, or a name like nf4, int4, crd-t7-signmax-4b")
+  if choice.spec_for is None:
+    parser.error(f"--format {args.format}: variable-length formats are not packed; use "
+                 "jaxquant report for them")
+  if args.method == "rtn" and (args.calibration_file or args.calibration_tokens):
+    parser.error("--calibration-file and --calibration-tokens need --method gptq")
+  if args.calibration_tokens is not None and args.calibration_tokens < 1:
+    parser.error(f"--calibration-tokens {args.calibration_tokens}: must be a positive int")
+  if not args.damping >= 0:
+    parser.error(f"--damping {args.damping}: must be >= 0")
+  if args.calibration_file is not None:
+    try:
+      if not args.calibration_file.read_text(encoding="utf-8").strip():
+        parser.error(f"--calibration-file {args.calibration_file}: the file is empty")
+    except (OSError, UnicodeDecodeError) as error:
+      parser.error(f"--calibration-file {args.calibration_file}: cannot read it as UTF-8 "
+                   f"text ({getattr(error, 'strerror', None) or error})")
+  if args.export_dequantised is not None:
+    if args.export_dequantised.suffix != ".safetensors":
+      parser.error(f"--export-dequantised {args.export_dequantised}: the file must end in "
+                   ".safetensors")
+    _writable(parser, "--export-dequantised", args.export_dequantised.parent)
+  _writable(parser, "--out", args.out)
 
 
 def _check(args, parser):
@@ -72,13 +160,7 @@ def _check(args, parser):
     except ValueError:
       parser.error(f"--formats: unknown format {name!r}; standard families are "
                    f"{', '.join(report.STANDARD)}, or a name like nf4, int4, crd-t7-signmax-4b")
-  try:
-    args.out.mkdir(parents=True, exist_ok=True)
-    probe = args.out / ".jaxquant-write-test"
-    probe.write_text("")
-    probe.unlink()
-  except OSError as error:
-    parser.error(f"--out {args.out}: cannot write there ({error.strerror or error})")
+  _writable(parser, "--out", args.out)
 
 
 def main(argv=None) -> int:
@@ -87,12 +169,17 @@ def main(argv=None) -> int:
   if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
     argv = ["report"] + argv
   args = parser.parse_args(argv)
-  _check(args, parser)
+  if args.command == "quantise":
+    _check_quantise(args, parser)
+  else:
+    _check(args, parser)
   from jaxquant.eval import report, tasks  # pylint: disable=import-outside-toplevel
   try:
-    task = tasks.load_task(args.model, quick=args.quick)
+    task = tasks.load_task(args.model, quick=getattr(args, "quick", False))
   except tasks.ModelMissing as error:
     parser.exit(2, f"jaxquant: error: {error}\n")
+  if args.command == "quantise":
+    return _quantise(task, args)
   names = args.formats or (report.QUICK if args.quick else report.STANDARD)
   if not args.formats and args.model == "smollm2":
     names = names + report.VARIABLE
@@ -116,7 +203,43 @@ def _run_with_progress(report, task, names, args):
     bar = progress.add_task(f"{task.name}", total=total)
     advance = lambda text: progress.update(bar, advance=1, description=text[:60])
     return report.run_report(task, names, args.bits, args.block_size, args.allocate,
-                             progress=advance)
+                             progress=advance, methods=args.method)
+
+
+def _quantise(task, args) -> int:
+  """`jaxquant quantise`: quantise, save, report (and export)."""
+  from jaxquant.eval import quantise  # pylint: disable=import-outside-toplevel
+  start = time.perf_counter()
+  settings = quantise.Settings(
+      model=args.model, format=args.format, bits=args.bits, method=args.method,
+      block_size=args.block_size, calibration_tokens=args.calibration_tokens,
+      act_order=args.act_order, damping=args.damping)
+  text = (args.calibration_file.read_text(encoding="utf-8") if args.calibration_file
+          else None)
+  try:
+    model, outcome = quantise.quantise(task, settings, text, progress=print)
+  except ValueError as error:  # e.g. a calibration file too short for the tokens asked for
+    print(f"jaxquant: error: {error}", file=sys.stderr)
+    return 2
+  quantise.save(model, settings, outcome, args.out)
+  on_disk = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+  order = " in act order" if args.act_order and args.method == "gptq" else ""
+  scores = ", ".join(f"{name} {value:.4g}" for name, value in outcome.scores.items()
+                     if name != outcome.metric)
+  print(f"{task.name}: {args.format} {args.bits}-bit, block {args.block_size}, "
+        f"{args.method}{order}: {outcome.layers} layers")
+  print(f"bits per parameter {outcome.bits_per_param:.3f} · quantised layers "
+        f"{outcome.quantised_mib:.2f} MiB on device · checkpoint {on_disk / 2**20:.1f} MiB "
+        "(with the layers kept in float)")
+  print(f"{outcome.metric} {outcome.scores[outcome.metric]:.5f} ({scores}) on the report's "
+        "evaluation data")
+  if args.export_dequantised is not None:
+    count = quantise.export_dequantised(model, task, task.tensor_name, args.export_dequantised)
+    print(f"wrote {count} dequantised float32 tensors to {os.fspath(args.export_dequantised)}")
+  print(f"wrote {os.fspath(args.out)} in {time.perf_counter() - start:.0f} s (quantisation "
+        f"{outcome.seconds:.0f} s); load it with "
+        f"jaxquant.eval.quantise.restore({os.fspath(args.out)!r})")
+  return 0
 
 
 if __name__ == "__main__":

@@ -298,36 +298,21 @@ def quantise_with_scales(x, spec: QuantSpec | Format | str, *, check_finite: boo
   """
   spec = as_spec(spec)
   x = _check_input(x, spec)
-  axis = spec.axis % x.ndim
-  n = x.shape[axis]
-  granularity = spec.block_size if spec.block_size in GRANULARITIES else "block"
-  block_size = spec.block_size if granularity == "block" else n
-  static = _Static(axis, block_size, granularity, spec.format.bits, spec.scaling,
-                   spec.scale_dtype, spec.double_quant, spec.scale_search)
-  codebook = jnp.asarray(spec.format.values, jnp.float32)
-  # Host constants, passed as arrays so that formats of one bit width share a program.
-  inverse_reference = np.float32(1) / np.float32(scaling.format_reference(spec.format,
-                                                                          spec.scaling))
-  ceiling = scaling.scale_ceiling(spec.format.values, x.dtype, spec.scale_dtype)
-  words, scales, scale_scales, exact, finite, some_zero = _quantise(
-      x, codebook, jnp.float32(inverse_reference), jnp.float32(ceiling), static)
+  plan = plan_for(x, spec)
+  words, scales, scale_scales, exact, finite, some_zero, _ = round_to_nearest(x, plan)
   if not isinstance(finite, jax.core.Tracer):
     if check_finite and not bool(finite):
       beyond = " or (as float64) values beyond float32's range" if x.dtype == np.float64 else ""
       raise ValueError(f"x contains NaN or Inf{beyond}; quantise only finite arrays")
     # Counted apart (compiled only when some scale is zero, e.g. for all-zero blocks).
-    zeroed = int(_zero_scaled_blocks(x, scales, scale_scales, static)) if bool(some_zero) else 0
+    zeroed = int(_zero_scaled_blocks(x, scales, scale_scales, plan.static)) if bool(some_zero) else 0
     if zeroed:
       warnings.warn(
           f"quantise: {zeroed} block(s) of x with nonzero values have a stored scale of "
           "zero and dequantise to zero: the scale is below float32's smallest normal number "
           f"({scaling.FLOAT32_TINY:.3g}), or below the range of float8 or double-quantised "
           "scales relative to the largest scale", stacklevel=2)
-  q = QuantisedArray(
-      codes=words, scales=scales, codebook=padded_codebook(codebook, spec.format.bits),
-      scale_scales=scale_scales, shape=tuple(x.shape), dtype=np.dtype(x.dtype), axis=axis,
-      block_size=block_size, bits=spec.format.bits, granularity=granularity)
-  return q, exact
+  return plan.assemble(words, scales, scale_scales, x), exact
 
 
 def padded_codebook(codebook: jax.Array, bits: int) -> jax.Array:
@@ -349,31 +334,95 @@ class _Static(NamedTuple):
   scale_search: bool
 
 
+class Plan(NamedTuple):
+  """How `spec` quantises an array like `x`: the static configuration, the float32 codebook
+  and the host constants (passed as arrays, so formats of one bit width share programs)."""
+  static: _Static
+  codebook: jax.Array
+  inverse_reference: jax.Array  # 1 / what the block statistic maps onto
+  ceiling: jax.Array  # the largest stored scale magnitude (`scaling.scale_ceiling`)
+
+  def assemble(self, words, scales, scale_scales, x) -> QuantisedArray:
+    """The `QuantisedArray` of packed `words` and stored scales for an array like `x`."""
+    return QuantisedArray(
+        codes=words, scales=scales, codebook=padded_codebook(self.codebook, self.static.bits),
+        scale_scales=scale_scales, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
+        axis=self.static.axis, block_size=self.static.block_size, bits=self.static.bits,
+        granularity=self.static.granularity)
+
+
+def plan_for(x, spec: QuantSpec) -> Plan:
+  """The `Plan` of quantising `x` (its shape and dtype) with `spec`."""
+  axis = spec.axis % len(x.shape)
+  granularity = spec.block_size if spec.block_size in GRANULARITIES else "block"
+  block_size = spec.block_size if granularity == "block" else x.shape[axis]
+  static = _Static(axis, block_size, granularity, spec.format.bits, spec.scaling,
+                   spec.scale_dtype, spec.double_quant, spec.scale_search)
+  inverse_reference = np.float32(1) / np.float32(scaling.format_reference(spec.format,
+                                                                          spec.scaling))
+  ceiling = scaling.scale_ceiling(spec.format.values, x.dtype, spec.scale_dtype)
+  return Plan(static, jnp.asarray(spec.format.values, jnp.float32),
+              jnp.float32(inverse_reference), jnp.float32(ceiling))
+
+
+def stored_scales(scales, multiplier, ceiling, static: _Static, factors=None):
+  """Exact, stored and decoded block scales from s = statistic / reference.
+
+  The exact scale is s·multiplier, saturated at ±`ceiling` and zero below 2^-126; it is then
+  stored (`scaling.encode_scales`, or with `factors` elementwise relative to second-level
+  factors fixed beforehand, `scaling.encode_relative`). Returns (exact, (stored, second-level
+  scales or None), decoded); with `factors` the second level is left to the caller (None).
+  """
+  exact = jnp.clip(scales * multiplier, -ceiling, ceiling)
+  exact = jnp.where(jnp.abs(exact) < scaling.FLOAT32_TINY, 0.0, exact)
+  signed = static.scaling == "signmax"
+  if factors is None and (static.double_quant or static.scale_dtype == "float8_e4m3fn"):
+    stored = scaling.encode_scales(exact, static.scale_dtype, static.double_quant, signed)
+    return exact, stored, scaling.decode_scales(*stored)
+  codes, decoded = scaling.encode_relative(exact, factors, static.scale_dtype,
+                                           static.double_quant, signed)
+  return exact, (codes, None), decoded
+
+
+def scale_multiplier(xb, scales, codebook, ceiling, static: _Static):
+  """The rms scale search's multiplier (1 without `scale_search`): of
+  `scaling.scale_search_multipliers`, the one whose stored scales give the least squared
+  error on the blocks `xb`."""
+  if not static.scale_search:
+    return jnp.float32(1.0)
+
+  def squared_error(m):
+    _, _, decoded = stored_scales(scales, m, ceiling, static)
+    codes = nearest_codes(scaling.divide(xb, decoded), codebook)
+    return jnp.sum(jnp.square(codebook[codes] * decoded - xb))
+  candidates = jnp.asarray(scaling.scale_search_multipliers())
+  return candidates[jnp.argmin(jax.lax.map(squared_error, candidates))]
+
+
 def _scale_and_round(xb, codebook, inverse_reference, ceiling, static: _Static, n: int):
   """The stored scales, the nearest codes, the exact scales, a finiteness flag and whether
   some stored scale is zero."""
   per_tensor = static.granularity == "tensor"
   statistic = scaling.block_statistic(xb, static.scaling, static.axis, n, per_tensor)
   scales = statistic * inverse_reference
+  multiplier = scale_multiplier(xb, scales, codebook, ceiling, static)
+  exact, stored, decoded = stored_scales(scales, multiplier, ceiling, static)
+  codes = nearest_codes(scaling.divide(xb, decoded), codebook)
+  return (stored, codes, exact, jnp.all(jnp.isfinite(statistic)), jnp.any(decoded == 0),
+          multiplier)
 
-  def encode_and_round(multiplier):
-    exact = jnp.clip(scales * multiplier, -ceiling, ceiling)
-    exact = jnp.where(jnp.abs(exact) < scaling.FLOAT32_TINY, 0.0, exact)
-    stored = scaling.encode_scales(exact, static.scale_dtype, static.double_quant,
-                                   signed=static.scaling == "signmax")
-    decoded = scaling.decode_scales(*stored)
-    codes = nearest_codes(scaling.divide(xb, decoded), codebook)
-    return exact, stored, decoded, codes
 
-  multiplier = jnp.float32(1.0)
-  if static.scale_search:
-    def squared_error(m):
-      _, _, decoded, codes = encode_and_round(m)
-      return jnp.sum(jnp.square(codebook[codes] * decoded - xb))
-    candidates = jnp.asarray(scaling.scale_search_multipliers())
-    multiplier = candidates[jnp.argmin(jax.lax.map(squared_error, candidates))]
-  exact, stored, decoded, codes = encode_and_round(multiplier)
-  return stored, codes, exact, jnp.all(jnp.isfinite(statistic)), jnp.any(decoded == 0)
+def pack_codes(codes: jax.Array, bits: int, axis: int) -> jax.Array:
+  """Codes laid out like the array (blocks merged along `axis`) packed into uint32 words."""
+  pad = [(0, 0)] * codes.ndim
+  pad[axis] = (0, -codes.shape[axis] % packing.GROUP)
+  return packing.pack(jnp.pad(codes, pad), bits, axis)
+
+
+def round_to_nearest(x: jax.Array, plan: Plan):
+  """`quantise`'s program: (packed words, stored scales, second-level scales, exact scales,
+  whether x is finite, whether some stored scale is zero, the rms search's multiplier)."""
+  return _quantise(x, plan.codebook, plan.inverse_reference, plan.ceiling, plan.static)
 
 
 @functools.partial(jax.jit, static_argnums=4)
@@ -381,14 +430,12 @@ def _quantise(x: jax.Array, codebook: jax.Array, inverse_reference: jax.Array,
               ceiling: jax.Array, static: _Static):
   axis, n = static.axis, x.shape[static.axis]
   xb = scaling.to_blocks(x.astype(jnp.float32), axis, static.block_size)
-  (scales, scale_scales), codes, exact, finite, some_zero = _scale_and_round(
+  (scales, scale_scales), codes, exact, finite, some_zero, multiplier = _scale_and_round(
       xb, codebook, inverse_reference, ceiling, static, n)
   codes = codes.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 1:])
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, -codes.shape[axis] % packing.GROUP)
-  words = packing.pack(jnp.pad(codes, pad), static.bits, axis)
+  words = pack_codes(codes, static.bits, axis)
   return (words, jnp.squeeze(scales, axis + 1), scale_scales, jnp.squeeze(exact, axis + 1),
-          finite, some_zero)
+          finite, some_zero, multiplier)
 
 
 @functools.partial(jax.jit, static_argnums=3)

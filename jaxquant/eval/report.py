@@ -46,6 +46,7 @@ STANDARD = ("int-absmax", "int-signmax", "e2m1", "nf4", "sf4", "crd-normal", "cr
 QUICK = ("int-absmax", "nf4", "crd-t", "crd-t-signmax", "lloyd-max-signmax")
 VARIABLE = ("grid-ideal", "grid-huffman", "crd-t-outliers")
 ALLOCATIONS = ("flat", "heuristic", "fisher")
+METHODS = ("rtn", "gptq")  # round to nearest, or GPTQ against the task's calibration
 OUTLIER_FRACTION = 2.0**-10
 
 
@@ -178,11 +179,18 @@ class Task:
   score: Callable[[nnx.Module], dict]
   note: str = ""
   fisher: Callable[[], dict[str, float]] | None = None  # layer path -> mean diagonal Fisher
+  # Calibration batches for `model(*batch)` from a text (None: the default calibration text,
+  # never the evaluation data) with about n tokens: calibration(text, n).
+  calibration: Callable[[str | None, int], list] | None = None
+  calibration_tokens: int = 4096  # the default n
+  # Kernel path -> (the model file's tensor name, whether its array is the kernel transposed).
+  tensor_name: Callable[[str], tuple[str, bool]] | None = None
 
 
 @dataclasses.dataclass
 class Row:
   format: str
+  method: str
   allocation: str
   bits: float  # the requested average element bits
   bits_per_param: float
@@ -196,10 +204,21 @@ class Row:
 
 def layer_paths(task: Task) -> list[str]:
   """The paths of the Linear layers the report quantises."""
-  return list(_kernels(task.model, task.layers))
+  return list(kernels_of(task.model, task.layers))
 
 
-def _kernels(model, pattern) -> dict[str, jax.Array]:
+def second_moments(task: Task, text: str | None = None, n_tokens: int | None = None) -> dict:
+  """Kernel path → `jaxquant.calibration.SecondMoment` of the inputs of every layer the
+  report quantises, over the task's calibration batches (`Task.calibration`)."""
+  if task.calibration is None:
+    raise ValueError(f"{task.name} has no calibration data for GPTQ")
+  batches = task.calibration(text, n_tokens or task.calibration_tokens)
+  rules = [jq.Rule(task.layers, jq.QuantSpec("int4"))]  # selects the layers; spec unused
+  return jq.nnx.calibrate(task.model, batches, rules)
+
+
+def kernels_of(model, pattern) -> dict[str, jax.Array]:
+  """Layer path → kernel of every `nnx.Linear` whose path fully matches `pattern`."""
   kernels = {}
   for path, module in nnx.iter_modules(model):
     name = "/".join(str(p) for p in path)
@@ -236,22 +255,30 @@ def bits_per_layer(task: Task, kernels: dict[str, jax.Array], method: str, avera
 
 def run_report(task: Task, format_names: Sequence[str], bits_list: Sequence[float],
                block_size: int, allocations: Sequence[str] = ("flat",),
-               progress=None) -> list[Row]:
-  """Quantises `task.model` with every format, average bit width and allocation; the rows."""
+               progress=None, methods: Sequence[str] = ("rtn",)) -> list[Row]:
+  """Quantises `task.model` with every format, average bit width, allocation and rounding
+  method (`METHODS`; GPTQ applies to fixed-length families, with act order); the rows."""
   graphdef, state = nnx.split(task.model)
-  kernels = _kernels(task.model, task.layers)
+  kernels = kernels_of(task.model, task.layers)
   if not kernels:
     raise ValueError(f"no Linear layer of {task.name} matches {task.layers!r}")
+  if any(method not in METHODS for method in methods):
+    raise ValueError(f"{methods=}: each must be one of {METHODS}")
   choices = [choice_for(name) for name in format_names]
+  moments = second_moments(task) if "gptq" in methods else None
   rows = []
-  for method in allocations:
+  for allocation_method in allocations:
     for bits in bits_list:
-      for choice in choices:
+      for choice, method in ((c, m) for c in choices for m in methods):
+        if method == "gptq" and choice.encode is not None:
+          continue  # variable-length families are stored apart from the packed layout
         start = time.perf_counter()
-        layer_bits = bits_per_layer(task, kernels, method, bits, integer=choice.integer_bits)
+        layer_bits = bits_per_layer(task, kernels, allocation_method, bits,
+                                    integer=choice.integer_bits)
         model = nnx.merge(graphdef, state)
         if choice.encode is None:
-          measured = _quantise_fixed(model, kernels, choice, layer_bits, block_size, progress)
+          measured = quantise_fixed(model, kernels, choice, layer_bits, block_size, progress,
+                                    moments if method == "gptq" else None)
         else:
           measured = _store_variable(model, kernels, choice, layer_bits, block_size, progress)
         if measured is None:
@@ -262,14 +289,14 @@ def run_report(task: Task, format_names: Sequence[str], bits_list: Sequence[floa
         if task.fisher is not None:
           scores["predicted KL"] = _predicted_kl(task.fisher(), kernels, errors)
         rows.append(Row(
-            format=choice.label, allocation=method, bits=bits,
+            format=choice.label, method=method, allocation=allocation_method, bits=bits,
             bits_per_param=storage / sum(sizes),
             weight_r=sum(e * s for e, s in zip(errors, sizes)) / sum(sizes),
             metric=float(scores[task.metric]), extra={k: float(v) for k, v in scores.items()},
             quantised_mib=device_bytes / 2**20, seconds=time.perf_counter() - start))
-  for method in allocations:
+  for allocation_method in allocations:
     for bits in bits_list:
-      group = [row for row in rows if row.bits == bits and row.allocation == method]
+      group = [row for row in rows if row.bits == bits and row.allocation == allocation_method]
       if group:
         min(group, key=lambda row: row.metric).best = True
   return rows
@@ -282,15 +309,19 @@ def _predicted_kl(fisher_means, kernels, errors) -> float:
   return 0.5 * sum(fisher_means[path] * squared[path] for path in kernels)
 
 
-def _layer(model, path):
-  layer = model
+def layer(model, path: str):
+  """The submodule of `model` at the '/'-joined `path` (``layers/3/mlp/up``)."""
+  module = model
   for part in path.split("/"):
-    layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
-  return layer
+    module = module[int(part)] if part.isdigit() else getattr(module, part)
+  return module
 
 
-def _quantise_fixed(model, kernels, choice, layer_bits, block_size, progress):
-  """`model` quantised through `quantise_model`: (model, storage bits, errors, bytes)."""
+def quantise_fixed(model, kernels, choice, layer_bits, block_size, progress=None,
+                   calibration=None):
+  """`model` quantised through `quantise_model` (by GPTQ with `calibration`, kernel path →
+  `SecondMoment`, in act order): (model, storage bits, errors, bytes), or None when the
+  family has no format at some layer's bits."""
   specs = {}
   for path, w in kernels.items():
     if progress is not None:
@@ -300,10 +331,11 @@ def _quantise_fixed(model, kernels, choice, layer_bits, block_size, progress):
       return None
     specs[path] = spec
   model = jq.nnx.quantise_model(
-      model, [jq.Rule(re.escape(path), spec) for path, spec in specs.items()])
+      model, [jq.Rule(re.escape(path), spec) for path, spec in specs.items()],
+      calibration=calibration, act_order=True)
   storage, errors = 0, []
   for path in kernels:
-    q = _layer(model, path).kernel.get_value()
+    q = layer(model, path).kernel.get_value()
     errors.append(float(jq.metrics.relative_rmse(kernels[path], q.dequantise())))
     storage += q.storage_bits
   return model, storage, errors, jq.nnx.quantised_bytes(model)
@@ -321,23 +353,27 @@ def _store_variable(model, kernels, choice, layer_bits, block_size, progress):
     storage += stored.storage_bits
     device_bytes += stored.device_bytes
     # A new Param: the merged model shares its Variables with the float state of the report.
-    _layer(model, path).kernel = nnx.Param(stored.reconstruction.astype(w.dtype))
+    layer(model, path).kernel = nnx.Param(stored.reconstruction.astype(w.dtype))
   return model, storage, errors, device_bytes
 
 
 def render(task: Task, rows: Sequence[Row]) -> str:
-  """The rows as a text table, with an allocation column when a row is not flat and the
-  predicted KL ½ Σ f̄_t ‖δθ_t‖² when the task has a Fisher."""
+  """The rows as a text table, with a method column when a row is not round-to-nearest, an
+  allocation column when a row is not flat and the predicted KL ½ Σ f̄_t ‖δθ_t‖² when the
+  task has a Fisher."""
   show = any(row.allocation != "flat" for row in rows)
+  methods = any(row.method != "rtn" for row in rows)
   predicted = all("predicted KL" in row.extra for row in rows) and bool(rows)
-  header = (f"{'format':<33}" + (f"{'allocation':<11}" if show else "") +
+  header = (f"{'format':<33}" + (f"{'method':<7}" if methods else "") +
+            (f"{'allocation':<11}" if show else "") +
             f"{'bits':>5}{'b/param':>9}{'weight R':>10}{task.metric:>14}" +
             (f"{'predicted':>11}" if predicted else "") + f"{'MiB':>8}")
   lines = [f"{task.name}: {task.metric} (lower is better; * = best at its bits"
            f"{' and allocation' if show else ''})", header]
   for row in rows:
     mark = "*" if row.best else " "
-    lines.append(f"{row.format:<33}" + (f"{row.allocation:<11}" if show else "") +
+    lines.append(f"{row.format:<33}" + (f"{row.method:<7}" if methods else "") +
+                 (f"{row.allocation:<11}" if show else "") +
                  f"{row.bits:>5g}{row.bits_per_param:>9.3f}{row.weight_r:>10.4f}"
                  f"{row.metric:>13.5f}{mark}" +
                  (f"{row.extra['predicted KL']:>11.5f}" if predicted else "") +
@@ -353,11 +389,11 @@ def render(task: Task, rows: Sequence[Row]) -> str:
 def write_outputs(task: Task, rows: Sequence[Row], out: pathlib.Path, meta: dict) -> list[str]:
   """report.csv, report.json and (with matplotlib) report.png in `out`; returns the names."""
   out.mkdir(parents=True, exist_ok=True)
-  fields = ["format", "allocation", "bits", "bits_per_param", "weight_r", "metric",
+  fields = ["format", "method", "allocation", "bits", "bits_per_param", "weight_r", "metric",
             "quantised_mib", "seconds", "best"]
   with open(out / "report.csv", "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
-    writer.writerow(fields[:5] + [task.metric] + fields[6:])
+    writer.writerow(fields[:6] + [task.metric] + fields[7:])
     for row in rows:
       writer.writerow([getattr(row, field) for field in fields])
   (out / "report.json").write_text(json.dumps(
@@ -373,12 +409,14 @@ def write_outputs(task: Task, rows: Sequence[Row], out: pathlib.Path, meta: dict
   figure, axes = plt.subplots(figsize=(7, 4.5))
   markers = "osD^v<>phX*P"
   variable = {choice.label for choice in CHOICES.values() if choice.encode is not None}
-  series = list(dict.fromkeys((row.format, row.allocation) for row in rows))
-  for index, (label, method) in enumerate(series):
+  series = list(dict.fromkeys((row.format, row.method, row.allocation) for row in rows))
+  for index, (label, method, allocated) in enumerate(series):
     spread = 0.06 * (index / max(1, len(series) - 1) - 0.5)  # side by side, not on top
     points = sorted((row.bits_per_param + spread, row.metric) for row in rows
-                    if (row.format, row.allocation) == (label, method))
-    name = label if method == "flat" else f"{label} [{method}]"
+                    if (row.format, row.method, row.allocation) == (label, method, allocated))
+    tags = [tag for tag in (method if method != "rtn" else "",
+                            allocated if allocated != "flat" else "") if tag]
+    name = label + (f" [{', '.join(tags)}]" if tags else "")
     axes.plot(*zip(*points), marker=markers[index % len(markers)],
               linestyle="--" if label in variable else "-", label=name)
   axes.set_xlabel("bits per parameter (stored size; series spread ±0.03 to stay visible)")

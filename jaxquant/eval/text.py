@@ -1,9 +1,11 @@
-"""Evaluation text for language models, and next-token metrics: KL divergences and perplexity.
+"""Evaluation and calibration text for language models, and next-token metrics: KL and perplexity.
 
-The text is English that ships with every Python: the docstrings of a fixed list of standard
+The text is English that ships with every Python: the docstrings of fixed lists of standard
 library modules (technical prose with some code), so no dataset is downloaded. It is fixed for
 a given Python version; docstrings change a little between versions, so compare numbers
-measured under one Python.
+measured under one Python. Models are scored on `evaluation_text` (`TEXT_MODULES`); weights are
+fitted to activations of `calibration_text` (`CALIBRATION_MODULES`, a disjoint list), so a
+quantiser (GPTQ) is not tuned on the text it is scored on.
 
 The metrics compare a reference model p (the float model) with a quantised model q on the
 same tokens, position by position, in float32 from the logits (softmax over the last axis).
@@ -17,6 +19,7 @@ import functools
 import importlib
 import inspect
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +30,37 @@ TEXT_MODULES = ("argparse", "csv", "heapq", "re", "json", "sqlite3", "subprocess
                 "copy", "collections", "tempfile", "sched", "doctest", "inspect", "turtle",
                 "typing")
 
+# Calibration modules: none of `TEXT_MODULES`, each with at least a paragraph of docstring
+# (pathlib, dataclasses and enum have none; asyncio, functools, datetime, … only a title line).
+CALIBRATION_MODULES = ("logging", "http.server", "itertools", "pickle", "string", "random",
+                       "statistics", "io", "os", "socket", "configparser", "socketserver",
+                       "http.cookies", "shelve", "urllib.request", "uuid", "cmd", "timeit",
+                       "pyclbr", "plistlib", "site")
 
-def evaluation_text() -> str:
-  """The docstrings of `TEXT_MODULES`, in that order, separated by blank lines (~7,600 tokens)."""
-  docs = [inspect.getdoc(importlib.import_module(name)) for name in TEXT_MODULES]
+# A sentence of `calibration_sentences` ends at ".", "!" or "?" followed by white space.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _docstrings(modules) -> str:
+  """The docstrings of `modules`, in that order, separated by blank lines."""
+  docs = [inspect.getdoc(importlib.import_module(name)) for name in modules]
   if not all(docs):
     raise RuntimeError("standard-library docstrings are missing (is Python running with -OO?)")
   return "\n\n".join(docs)
+
+
+def evaluation_text() -> str:
+  """The docstrings of `TEXT_MODULES`, in that order, separated by blank lines (~7,600 tokens)."""
+  return _docstrings(TEXT_MODULES)
+
+
+def calibration_text() -> str:
+  """The docstrings of `CALIBRATION_MODULES`, in order, separated by blank lines (~11,500 tokens).
+
+  No module is also in `TEXT_MODULES`, so statistics gathered on this text (GPTQ's Hessians)
+  are not gathered on the evaluation text.
+  """
+  return _docstrings(CALIBRATION_MODULES)
 
 
 def evaluation_tokens(tokenizer, n_tokens: int = 2048, seq_len: int = 256) -> np.ndarray:
@@ -52,7 +79,7 @@ def evaluation_tokens(tokenizer, n_tokens: int = 2048, seq_len: int = 256) -> np
   Raises:
     ValueError: the text has too few tokens for the request.
   """
-  return _sequences(tokenizer, n_tokens, seq_len, from_end=False)
+  return _sequences(tokenizer, evaluation_text(), n_tokens, seq_len, from_end=False)
 
 
 def calibration_tokens(tokenizer, n_tokens: int = 2048, seq_len: int = 256) -> np.ndarray:
@@ -62,19 +89,79 @@ def calibration_tokens(tokenizer, n_tokens: int = 2048, seq_len: int = 256) -> n
   requests together need no more than the text's ~7,600 tokens, calibration and evaluation
   tokens do not overlap, so an allocation is not tuned on the tokens it is scored on.
   """
-  return _sequences(tokenizer, n_tokens, seq_len, from_end=True)
+  return _sequences(tokenizer, evaluation_text(), n_tokens, seq_len, from_end=True)
 
 
-def _sequences(tokenizer, n_tokens, seq_len, from_end):
+def gptq_calibration_tokens(tokenizer, n_tokens: int = 4096, seq_len: int = 256,
+                            text: str | None = None) -> np.ndarray:
+  """Sequences like `evaluation_tokens` for calibrating a quantiser, cut from other text.
+
+  ⌈n_tokens / seq_len⌉ sequences [n, seq_len] of int32 ids, each the tokenizer's prefix (BOS)
+  and one consecutive piece of `text` from its start. The default text is `calibration_text`,
+  which shares no module with the evaluation text, so no calibration token is an evaluation
+  token; the defaults give 16 sequences of 256 (4,080 text tokens).
+
+  Args:
+    tokenizer: a `tokenizers.Tokenizer`.
+    n_tokens: at least this many tokens in all, BOS included.
+    seq_len: tokens per sequence, BOS included.
+    text: the calibration text (a user's file contents); default: `calibration_text()`.
+
+  Raises:
+    ValueError: the text has too few tokens for the request.
+  """
+  text = calibration_text() if text is None else text
+  return _sequences(tokenizer, text, n_tokens, seq_len, from_end=False)
+
+
+def _sequences(tokenizer, text, n_tokens, seq_len, from_end):
+  """⌈n_tokens / seq_len⌉ sequences of the tokenizer's prefix and consecutive pieces of `text`.
+
+  The pieces are taken from the start of the text, or with `from_end` from its end.
+  """
+  if n_tokens < 1:
+    raise ValueError(f"n_tokens must be at least 1, got {n_tokens}")
   prefix = tokenizer.encode("").ids
-  body = tokenizer.encode(evaluation_text(), add_special_tokens=False).ids
+  body = tokenizer.encode(text, add_special_tokens=False).ids
   n_sequences, piece = -(-n_tokens // seq_len), seq_len - len(prefix)
-  if piece < 1 or n_sequences * piece > len(body):
-    raise ValueError(f"{n_sequences} sequences of {seq_len} tokens need "
-                     f"{n_sequences * piece} text tokens; the text has {len(body)}")
+  if piece < 1:
+    raise ValueError(f"seq_len={seq_len} leaves no room for text after the {len(prefix)} "
+                     f"prefix token(s)")
+  if n_sequences * piece > len(body):
+    raise ValueError(f"n_tokens={n_tokens} in sequences of seq_len={seq_len}: {n_sequences} "
+                     f"sequences need {n_sequences * piece} text tokens; the text has {len(body)}")
   start = len(body) - n_sequences * piece if from_end else 0
   return np.asarray([prefix + body[start + i * piece:start + (i + 1) * piece]
                      for i in range(n_sequences)], np.int32)
+
+
+def calibration_sentences(text: str | None = None, n: int | None = None) -> list[str]:
+  """Sentences of `text` for calibrating a sentence encoder (MiniLM's `encode` batches).
+
+  The text is cut into paragraphs at blank lines; each paragraph's lines are joined with
+  single spaces and cut into sentences after ".", "!" or "?" followed by white space. Sentences
+  of at least 5 words are kept, in order (code and API lists in docstrings come through as
+  long "sentences"; the encoder truncates them). The default text is `calibration_text()`,
+  which shares nothing with MiniLM's evaluation sentences.
+
+  Args:
+    text: the calibration text (a user's file contents); default: `calibration_text()`.
+    n: the number of sentences, the first n; default: all of them.
+
+  Raises:
+    ValueError: the text has fewer than `n` sentences (or none).
+  """
+  if n is not None and n < 1:
+    raise ValueError(f"n must be at least 1, got {n}")
+  text = calibration_text() if text is None else text
+  sentences = [sentence
+               for paragraph in re.split(r"\n\s*\n", text)
+               for sentence in _SENTENCE_END.split(" ".join(paragraph.split()))
+               if len(sentence.split()) >= 5]
+  if len(sentences) < (1 if n is None else n):
+    raise ValueError(f"calibration_sentences(n={n}): the text has only {len(sentences)} "
+                     f"sentences of at least 5 words")
+  return sentences[:n]
 
 
 def _log_softmax(logits: jax.Array) -> jax.Array:

@@ -213,7 +213,9 @@ def _normalise_axes(axis: tuple[int, ...], ndim: int) -> tuple[int, ...]:
 def quantise_params(params: Mapping[str, Any], rules: Rule | Sequence[Rule], *,
                     mode: str = "ptq", model: nn.Module | None = None,
                     inputs: Sequence = (), input_kwargs: Mapping[str, Any] | None = None,
-                    feature_ndims: Mapping[str, int] | None = None) -> dict[str, Any]:
+                    feature_ndims: Mapping[str, int] | None = None,
+                    calibration: Mapping[str, Any] | None = None, damping: float = 0.01,
+                    act_order: bool = False) -> dict[str, Any]:
   """A copy of a float Linen param tree with the weights the `rules` select quantised.
 
   A weight's path is the '/'-joined keys from the root of `params`
@@ -233,6 +235,11 @@ def quantise_params(params: Mapping[str, Any], rules: Rule | Sequence[Rule], *,
     input_kwargs: example keyword arguments of ``model.apply`` (e.g. ``method=``).
     feature_ndims: without `model`: path → number of output-feature axes, for kernels of
       ndim > 2 without a bias.
+    calibration: path → `jaxquant.calibration.SecondMoment`, e.g. from
+      ``jaxquant.calibration.accumulate(lambda p, x: model.apply({"params": p}, x), params,
+      batches)``: those weights are packed by GPTQ (`jaxquant.gptq`), the others rounded to
+      nearest with a warning naming them.
+    damping, act_order: GPTQ's options (`jaxquant.gptq.quantise`).
 
   Returns:
     The converted tree, for `quantised_apply(model, {"params": tree}, ...)`.
@@ -273,6 +280,8 @@ def quantise_params(params: Mapping[str, Any], rules: Rule | Sequence[Rule], *,
   refused = [w for w in selected.values() if w.refusal is not None]
   if refused:
     raise weights_lib.refused(refused)
+  calibrated = weights_lib.calibrated(list(selected), calibration, damping=damping,
+                                      act_order=act_order)
 
   def convert(tree, path):
     new = {}
@@ -284,7 +293,8 @@ def quantise_params(params: Mapping[str, Any], rules: Rule | Sequence[Rule], *,
         if not jnp.issubdtype(value.dtype, jnp.floating):
           raise TypeError(f"params[{here!r}] has dtype {value.dtype}; only float weights can "
                           "be quantised (keep it with Rule(pattern, None))")
-        new[key] = weights_lib.prepare(value, specs[here], selected[here].axis, mode)
+        new[key] = weights_lib.prepare(value, specs[here], selected[here].axis, mode,
+                                       calibrated.get(here))
       else:
         new[key] = value
     return new

@@ -24,23 +24,29 @@ bit-identical outputs.
 
 With `params=` the model may be abstract (`nnx.eval_shape`): the float weights come from
 host memory one at a time, so a model larger than device memory can be converted.
+
+GPTQ: `calibrate(model, batches, rules)` records the second moment of the inputs of every
+weight the rules select (through `jaxquant.calibration`, so any module's weights), and
+``quantise_model(model, rules, calibration=...)`` packs those weights by GPTQ
+(`jaxquant.gptq`) instead of rounding each to nearest; the layout is the same.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant import calibration as calibration_lib
 from jaxquant import contraction, interception, ops
+from jaxquant.calibration import SecondMoment
 from jaxquant.nn import rules as rules_lib
 from jaxquant.nn import weights as weights_lib
 from jaxquant.qarray import QuantSpec, as_spec
 from jaxquant.qat import FakeQuantised
-
 
 
 class QuantisedWeight(nnx.Variable):
@@ -87,11 +93,14 @@ class QLinear(nnx.Module):
 
   @classmethod
   def from_linear(cls, linear: nnx.Linear, spec: QuantSpec, *, kernel=None, bias=None,
-                  mode: str = "ptq", backend: str = "auto") -> "QLinear":
-    """Quantises an `nnx.Linear` (its kernel, or `kernel` given from host memory)."""
+                  mode: str = "ptq", backend: str = "auto",
+                  calibration: weights_lib.Calibrated | None = None) -> "QLinear":
+    """Quantises an `nnx.Linear` (its kernel, or `kernel` given from host memory; by GPTQ
+    with `calibration`)."""
     kernel = linear.kernel[...] if kernel is None else kernel
     bias = (None if linear.bias is None else linear.bias[...]) if bias is None else bias
-    return cls(weights_lib.prepare(kernel, spec, 0, mode), bias, dtype=linear.dtype, backend=backend)
+    return cls(weights_lib.prepare(kernel, spec, 0, mode, calibration), bias, dtype=linear.dtype,
+               backend=backend)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
@@ -129,8 +138,10 @@ class QEinsum(nnx.Module):
 
   @classmethod
   def from_einsum(cls, einsum: nnx.Einsum, spec: QuantSpec, *, kernel=None, bias=None,
-                  mode: str = "ptq", backend: str = "auto") -> "QEinsum":
-    """Quantises an `nnx.Einsum` along its longest contracted kernel axis."""
+                  mode: str = "ptq", backend: str = "auto",
+                  calibration: weights_lib.Calibrated | None = None) -> "QEinsum":
+    """Quantises an `nnx.Einsum` along its longest contracted kernel axis (by GPTQ with
+    `calibration`)."""
     if einsum.einsum_str is None:
       raise ValueError("QEinsum needs the einsum_str given at construction")
     lhs, rhs, out = _einsum_letters(einsum.einsum_str)
@@ -140,8 +151,8 @@ class QEinsum(nnx.Module):
     if not contracted:
       raise ValueError(f"{einsum.einsum_str!r} contracts no kernel axis")
     axis = weights_lib.block_axis(kernel.shape, contracted, as_spec(spec).block_size)
-    return cls(einsum.einsum_str, weights_lib.prepare(kernel, spec, axis, mode), bias, dtype=einsum.dtype,
-               backend=backend)
+    return cls(einsum.einsum_str, weights_lib.prepare(kernel, spec, axis, mode, calibration), bias,
+               dtype=einsum.dtype, backend=backend)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
@@ -171,9 +182,13 @@ class QEmbed(nnx.Module):
 
   @classmethod
   def from_embed(cls, embed: nnx.Embed, spec: QuantSpec, *, embedding=None,
-                 mode: str = "ptq", backend: str = "auto") -> "QEmbed":
+                 mode: str = "ptq", backend: str = "auto",
+                 calibration: weights_lib.Calibrated | None = None) -> "QEmbed":
+    """Quantises an `nnx.Embed` along its features (by GPTQ with `calibration`, from the
+    second moment of a tied head's inputs)."""
     table = embed.embedding[...] if embedding is None else embedding
-    return cls(weights_lib.prepare(table, spec, 1, mode), dtype=embed.dtype, backend=backend)
+    return cls(weights_lib.prepare(table, spec, 1, mode, calibration), dtype=embed.dtype,
+               backend=backend)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     if not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -220,7 +235,9 @@ def _host_leaf(params, path):
 
 def quantise_model(model: nnx.Module, rules, *, mode: str = "ptq", backend: str = "auto",
                    params=None, inputs: Sequence | None = None,
-                   methods: Sequence[str] = ("__call__",)) -> nnx.Module:
+                   methods: Sequence[str] = ("__call__",),
+                   calibration: Mapping[str, SecondMoment] | None = None,
+                   damping: float = 0.01, act_order: bool = False) -> nnx.Module:
   """A new model with the weights that `rules` select quantised (module docstring).
 
   Args:
@@ -236,6 +253,10 @@ def quantise_model(model: nnx.Module, rules, *, mode: str = "ptq", backend: str 
       nothing is computed). With them every weight of any module is found by tracing; without
       them only stock layers are quantised.
     methods: with `inputs`, the model's methods that run under interception.
+    calibration: parameter path → `jaxquant.calibration.SecondMoment` (from `calibrate`):
+      the weights it covers are packed by GPTQ (`jaxquant.gptq`), the others rounded to
+      nearest with a warning naming them. One weight's H is in use at a time.
+    damping, act_order: GPTQ's options (`jaxquant.gptq.quantise`).
 
   Returns:
     The quantised model; `model` is left as it was.
@@ -262,12 +283,15 @@ def quantise_model(model: nnx.Module, rules, *, mode: str = "ptq", backend: str 
     raise ValueError(f"{mode=} is not one of {weights_lib.MODES}")
   rules = rules_lib.check_rules(rules)
   model = nnx.clone(model)
+  gptq = functools.partial(weights_lib.calibrated, calibration=calibration, damping=damping,
+                           act_order=act_order)
   if inputs is None:
-    return _quantise_stock_layers(model, rules, mode, backend, params)
-  return _quantise_traced(model, rules, mode, backend, params, tuple(inputs), tuple(methods))
+    return _quantise_stock_layers(model, rules, mode, backend, params, gptq)
+  return _quantise_traced(model, rules, mode, backend, params, tuple(inputs), tuple(methods),
+                          gptq)
 
 
-def _quantise_stock_layers(model, rules, mode, backend, params):
+def _quantise_stock_layers(model, rules, mode, backend, params, gptq):
   layers = [(path, module) for path, module in nnx.iter_modules(model)
             if path and isinstance(module, _STOCK)]
   weight_path = lambda path, module: _path_string(path) + "/" + _STOCK_WEIGHT[type(module)]
@@ -275,6 +299,8 @@ def _quantise_stock_layers(model, rules, mode, backend, params):
                                       for path, module in layers])
   chosen = {path: specs[weight_path(path, module)] for path, module in layers
             if weight_path(path, module) in specs}
+  calibrated = gptq([weight_path(path, module) for path, module in layers
+                     if path in chosen])
   if params is not None:
     _fill_floats(model, params, skip={_path_string(path) for path in chosen})
   for path, module in layers:
@@ -282,17 +308,18 @@ def _quantise_stock_layers(model, rules, mode, backend, params):
     if spec is None:
       continue
     host = (lambda name, p=path: None if params is None else _host_leaf(params, p + (name,)))
+    calibration = calibrated.get(weight_path(path, module))
     if isinstance(module, nnx.Linear):
       new = QLinear.from_linear(module, spec, kernel=host("kernel"),
                                 bias=None if module.bias is None else host("bias"),
-                                mode=mode, backend=backend)
+                                mode=mode, backend=backend, calibration=calibration)
     elif isinstance(module, nnx.Einsum):
       new = QEinsum.from_einsum(module, spec, kernel=host("kernel"),
                                 bias=None if module.bias is None else host("bias"),
-                                mode=mode, backend=backend)
+                                mode=mode, backend=backend, calibration=calibration)
     else:
       new = QEmbed.from_embed(module, spec, embedding=host("embedding"), mode=mode,
-                              backend=backend)
+                              backend=backend, calibration=calibration)
     _replace(*_parent_and_key(model, path), new)
   return model
 
@@ -307,7 +334,7 @@ def _fill_floats(model, params, skip):
   nnx.update(model, state)
 
 
-def _quantise_traced(model, rules, mode, backend, params, inputs, methods):
+def _quantise_traced(model, rules, mode, backend, params, inputs, methods, gptq):
   base = getattr(type(model), "_jaxquant_float_type", type(model))
   graphdef, state = nnx.split(model)
   flat = list(nnx.to_flat_state(state))
@@ -334,12 +361,13 @@ def _quantise_traced(model, rules, mode, backend, params, inputs, methods):
   if refused:
     raise weights_lib.refused(refused)
   chosen = {w.path: (specs[w.path], w.axis) for w in selected}
+  calibrated = gptq(list(chosen))
   for path, variable in flat:
     name = _path_string(path)
     value = variable.get_value() if params is None else _host_leaf(params, path)
     if name in chosen:
       spec, axis = chosen[name]
-      new = weight_variable(weights_lib.prepare(value, spec, axis, mode))
+      new = weight_variable(weights_lib.prepare(value, spec, axis, mode, calibrated.get(name)))
       _replace(*_parent_and_key(model, path), new)
     elif params is not None:
       variable.set_value(jnp.asarray(value))
@@ -389,6 +417,44 @@ def _intercepted_method(original, backend: str):
   return method
 
 
+def calibrate(model: nnx.Module, batches: Iterable, rules=None, *,
+              method: str = "__call__") -> dict[str, SecondMoment]:
+  """The second moment H = Σ x xᵀ of the inputs of each weight of a float `model`, over
+  calibration `batches`, for GPTQ (`quantise_model(..., calibration=...)`).
+
+  The model's `method` runs on each batch (a tuple of positional arguments, or one argument)
+  as one jitted step, under `jaxquant.calibration`: every contraction the model's code makes
+  with a selected parameter records the activations it meets, whatever module holds it.
+
+  Args:
+    model: a float NNX model.
+    batches: calibration batches (e.g. token ids [batch, length]).
+    rules: the `jaxquant.Rule`s the model will be quantised with: only the weights they
+      quantise are recorded (default: every float parameter with two or more axes).
+    method: the method to run on each batch.
+
+  Returns:
+    Parameter path (``layers/0/attention/q/kernel``) → `SecondMoment`.
+  """
+  graphdef, state = nnx.split(model)
+  flat = list(nnx.to_flat_state(state))
+  values = {_path_string(path): variable.get_value() for path, variable in flat}
+  if rules is None:
+    chosen = None
+  else:
+    float_paths = [name for name, value in values.items()
+                   if getattr(value, "ndim", 0) >= 2 and jnp.issubdtype(value.dtype, jnp.floating)]
+    chosen, _ = rules_lib.assign(rules, [(name, name.rpartition("/")[0]) for name in float_paths],
+                                 warn=False)
+
+  def run(values, batch):
+    module = nnx.merge(graphdef, _with_values(flat, values))
+    return getattr(module, method)(*(batch if isinstance(batch, tuple) else (batch,)))
+
+  select = None if chosen is None else (lambda path, leaf: path in chosen)
+  return calibration_lib.accumulate(run, values, batches, select=select)
+
+
 def convert(model: nnx.Module) -> nnx.Module:
   """A new model with every fake-quantised (QAT) weight packed: bit-identical outputs."""
   model = nnx.clone(model)
@@ -407,5 +473,5 @@ def quantised_bytes(model: nnx.Module) -> int:
   return total
 
 
-__all__ = ["QATWeight", "QEinsum", "QEmbed", "QLinear", "QuantisedWeight", "convert",
-           "quantise_model", "quantised_bytes", "weight_of", "weight_variable"]
+__all__ = ["QATWeight", "QEinsum", "QEmbed", "QLinear", "QuantisedWeight", "calibrate",
+           "convert", "quantise_model", "quantised_bytes", "weight_of", "weight_variable"]

