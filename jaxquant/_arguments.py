@@ -86,3 +86,38 @@ def fitting_input(x) -> np.ndarray:
         f"x must be nonzero somewhere: every |x| < {FLOAT32_TINY:.4g} (zero, or subnormal, "
         "which quantisation reads as zero), so there is nothing to fit a format to")
   return array
+
+
+def fitting_weights(weights, x: np.ndarray) -> np.ndarray:
+  """`weights` for a weighted fit to `x`: broadcast to x's shape, in float32, times 2^-e.
+
+  A weighted fit minimises Σᵢ wᵢ (x̂ᵢ - xᵢ)², e.g. with wᵢ = H_kk, the diagonal of the input
+  second moment H = Σ x xᵀ at element i's input row k: for a kernel W [K, N] the output error
+  of ΔW is about Σ_k H_kk Σ_n ΔW_kn², so pass ``diag_h[:, None]``. The weights must have x's
+  rank, each axis of x's length or 1: a (K,) vector would broadcast along N instead. e is the
+  binary exponent of max w (as `frexp`, computed in float64): the largest weight lands in
+  [½, 1), exactly, so weights of any magnitude (1e-30, 1e30) neither underflow nor overflow
+  when multiplied by squared errors, and a fit, which only compares weighted sums, is
+  unchanged.
+
+  Raises:
+    ValueError: `weights` has another rank or an axis that is neither 1 nor x's length; is
+      not finite; is negative somewhere; or is zero wherever x is nonzero (all zero, say),
+      which leaves nothing to fit (the weighted error is 0/0).
+  """
+  w = np.asarray(weights, np.float64)
+  if w.ndim != x.ndim or any(a not in (1, b) for a, b in zip(w.shape, x.shape)):
+    raise ValueError(f"weights has shape {w.shape} but x has shape {x.shape}; weights must have "
+                     "x's rank with each axis 1 or x's length (e.g. diag_h[:, None] for a "
+                     "kernel [K, N])")
+  if not np.all(np.isfinite(w)):
+    raise ValueError("weights must be finite; they contain NaN or Inf")
+  if np.any(w < 0):
+    raise ValueError(f"weights must be non-negative; their minimum is {np.min(w):g}")
+  if np.any(w > 0):
+    w = np.ldexp(w, -np.frexp(np.max(w))[1])
+  w = np.broadcast_to(w.astype(np.float32), x.shape)
+  if not np.any((w > 0) & (np.abs(x) >= FLOAT32_TINY)):
+    raise ValueError("weights must be positive at some element where x is nonzero; they are "
+                     "zero at all of them, so the weighted error is 0/0")
+  return w

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import _arguments, metrics
-from jaxquant.fitting.lloyd_max import fitting_weights
 from jaxquant.formats import Format, crd_format
 from jaxquant.qarray import QuantSpec, dequantise, quantise
 
@@ -39,7 +38,7 @@ def fit_crd_t(x, bits: int, *, scaling: str = "absmax", block_size: int | str = 
     grid: a non-empty sequence of candidate ν values (each > 2); of equal errors the first
       wins (every ν fits a constant block exactly under absmax scaling).
     weights: optional non-negative weights c broadcastable to x's shape with x's rank (see
-      `jaxquant.fitting.lloyd_max.fitting_weights`), e.g. ``diag_h[:, None]`` for a kernel
+      `jaxquant._arguments.fitting_weights`), e.g. ``diag_h[:, None]`` for a kernel
       [K, N]; None weighs every element equally (R).
 
   Returns:
@@ -57,7 +56,7 @@ def fit_crd_t(x, bits: int, *, scaling: str = "absmax", block_size: int | str = 
                      "an integer block size")
   array = _arguments.fitting_input(x)
   if weights is not None:
-    weights = fitting_weights(weights, array)
+    weights = _arguments.fitting_weights(weights, array)
   if isinstance(grid, str) or not isinstance(grid, Iterable):
     raise TypeError(f"{grid=} must be a sequence of numbers > 2")
   candidates = [crd_format("t", bits, scaling=scaling, block_size=block_size, symmetric=symmetric,
