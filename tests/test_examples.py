@@ -1,11 +1,14 @@
 """The example and benchmark scripts run (on reduced sizes) and show what they claim."""
 
 import importlib.util
+import json
 import pathlib
 import sys
 
 import numpy as np
 import pytest
+
+from jaxquant.kernels import gpu_tuning, pallas_gpu
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # as when a benchmark runs as a script
@@ -44,15 +47,27 @@ def test_matmul_benchmark_runs(capsys):
   assert "speed-up vs deq+dot" in capsys.readouterr().out
 
 
-def test_gpu_check_dry_run(tmp_path):
-  # The GPU check script on CPU: Pallas interpreted, tiny sizes; it must finish and write its table.
+def test_gpu_sweep_dry_run(tmp_path):
+  # The GPU sweep script on CPU: Pallas interpreted, tiny sizes; it must write every output,
+  # and the tuning table it writes must be one the kernel and auto can use.
   import subprocess  # pylint: disable=import-outside-toplevel
-  result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path),
+  result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_sweep.sh"), str(tmp_path),
                            "--dry-run"], capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  table = (tmp_path / "gpu_matmul.md").read_text()
-  assert "| 256 | 1 | 4 (4.25 b) |" in table and "| 256 | 16 | 3 (3.25 b) |" in table
-  assert "passed" in (tmp_path / "tests.txt").read_text()
+  rows = json.loads((tmp_path / "h200.json").read_text())
+  assert {(r["m"], r["bits"]) for r in rows} == {(1, 3), (1, 4), (16, 3), (16, 4)}
+  keys = {"date", "device", "m", "k", "n", "bits", "kernel_us", "xla_bf16_us", "torch_bf16_us",
+          "tinygemm_us", "dequant_dot_us", "weight_gbps", "config"}
+  assert all(set(r) == keys and r["kernel_us"] > 0 and r["dequant_dot_us"] > 0 for r in rows)
+  sweep = json.loads((tmp_path / "gpu_sweep.json").read_text())
+  for case in sweep["cases"]:  # every configuration was checked before it was timed
+    assert all(row["relative_error"] <= 2e-2 for row in case["tried"] if "kernel_us" in row)
+  table = gpu_tuning.table(str(tmp_path / "gpu_tuning.json"))
+  assert len(table["configs"]) == len(table["dispatch"]) == 4
+  for row in table["configs"]:
+    pallas_gpu.validate_block_sizes(pallas_gpu.BlockSizes(**row["block_sizes"]), row["variant"],
+                                    row["bits"], row["m"], row["n"])
+  assert "| 1 | 256 | 128 | 4 |" in (tmp_path / "gpu_sweep.md").read_text()
 
 
 @pytest.mark.slow

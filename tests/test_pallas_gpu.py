@@ -111,6 +111,59 @@ def test_split_k_sums_the_same_products():
   np.testing.assert_allclose(split, whole, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant,m,sizes", [
+    ("gemv", 2, BlockSizes(2, 64, 128, split_k=3, split="atomic")),
+    ("gemm", 32, BlockSizes(16, 32, 64, split_k=4, split="atomic")),
+    ("gemm", 32, BlockSizes(32, 64, 256, split_k=2)),
+])
+@pytest.mark.parametrize("fmt,block_size", [("nf4", 64), ("int3", 32)])
+def test_atomic_and_sliced_split_k_match_the_reference(variant, m, sizes, fmt, block_size):
+  # 1000 rows: K tiles beyond Kp in the last split; N = 128 is whole tiles (atomic adds
+  # have no masks).
+  args, bits, reference = problem(fmt, block_size, m, 1000, 128, jnp.float32, seed=3)
+  y = qmatmul_pallas_gpu(*args, bits=bits, block_size=block_size, block_sizes=sizes,
+                         variant=variant, interpret=INTERPRET)
+  error = np.max(np.abs(np.asarray(y) - np.asarray(reference)))
+  assert error <= 1e-5 * np.max(np.abs(np.asarray(reference))), error
+
+
+def test_gemm_decodes_every_position_of_straddling_codes():
+  # 5 bits: 32 codes per 5-word unit, 4 of them straddling two words; a tile of one unit.
+  rng = np.random.default_rng(5)
+  k, n, m, block_size = 256, 16, 16, 32
+  codes = rng.integers(0, 32, (k, n))
+  codebook = rng.normal(size=32).astype(np.float32)
+  scales = rng.uniform(0.5, 2.0, (k // block_size, n)).astype(np.float32)
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  reference = x.astype(np.float64) @ (codebook[codes] * np.repeat(scales, block_size, 0))
+  y = qmatmul_pallas_gpu(jnp.asarray(x), jq.packing.pack(jnp.asarray(codes), 5, axis=0),
+                         jnp.asarray(scales), jnp.asarray(codebook), bits=5,
+                         block_size=block_size, variant="gemm",
+                         block_sizes=BlockSizes(16, 16, 32), interpret=INTERPRET)
+  assert np.max(np.abs(np.asarray(y) - reference)) <= 1e-5 * np.max(np.abs(reference))
+
+
+@pytest.mark.parametrize("variant,m,sizes", [
+    ("gemv", 4, BlockSizes(4, 256, 64, split_k=16, num_warps=2, num_stages=1, split="atomic")),
+    ("gemm", 64, BlockSizes(64, 256, 128, split_k=8, num_warps=2, num_stages=2,
+                            split="atomic")),
+])
+def test_atomic_split_lowers_to_triton_for_cuda(variant, m, sizes):
+  k, n, bits = 8192, 4096, 4
+  shapes = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((k * bits // 32, n), jnp.uint32),
+            jax.ShapeDtypeStruct((k // 64, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((2**bits,), jnp.float32))
+  f = jax.jit(lambda *a: qmatmul_pallas_gpu(*a, bits=bits, block_size=64, variant=variant,
+                                            block_sizes=sizes))
+  exported = jax.export.export(
+      f, platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*shapes)
+  text = exported.mlir_module()
+  assert "output_operand_alias" in text  # the zeroed output the programs add into
+  assert exported.out_avals[0].shape == (m, n)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("m,variant", [(1, "gemv"), (130, "gemm")])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -183,5 +236,9 @@ def test_bad_input_names_the_argument():
     call(x, codes, scales, codebook, block_sizes=(1, 64, 64))
   with pytest.raises(ValueError, match="block_sizes.block_n=48"):
     call(x, codes, scales, codebook, block_sizes=BlockSizes(2, 48, 64))
-  with pytest.raises(ValueError, match="block_sizes.block_k=64 must be >= 128"):
-    call(x, codes, scales, codebook, variant="gemm", block_sizes=BlockSizes(16, 64, 64))
+  with pytest.raises(ValueError, match="block_sizes.block_k=8 must be >= 16"):
+    call(x, codes, scales, codebook, variant="gemm", block_sizes=BlockSizes(16, 64, 8))
+  with pytest.raises(ValueError, match="block_sizes.split='tree'"):
+    call(x, codes, scales, codebook, block_sizes=BlockSizes(2, 64, 64, split="tree"))
+  with pytest.raises(ValueError, match="split='atomic' needs block_m=4 to divide M=2"):
+    call(x, codes, scales, codebook, block_sizes=BlockSizes(4, 64, 64, split="atomic"))

@@ -11,10 +11,13 @@ Backends, each with a pure-jnp definition beside it (tests compare them with "re
   `pallas_gpu`; Mosaic on TPU, `pallas_tpu`; on CPU the GPU kernel in interpret mode, for
   tests). It takes contractions that are that product without moving a code: W contracted
   on its packed axis 0 alone, no batch axes (W's other axes are flattened into N).
-- ``"auto"``: on CPU ``"xla"``. On GPU and TPU the Pallas kernel while the weight stream
-  dominates (M ≤ `AUTO_PALLAS_MAX_M`, a contraction the kernel takes), else dequantise and
-  one dense dot; when the kernel refuses a weight (per-channel scales, a block size it does
-  not take) auto says why, once, and dequantises. A named backend never falls back: one that
+- ``"auto"``: on CPU ``"xla"``. On GPU and TPU, for a contraction the kernel takes, the
+  Pallas kernel where it is the faster path, else dequantise and one dense dot. GPU: where
+  the kernel beat dequantise-then-dot when measured at the nearest shape
+  (`jaxquant.kernels.gpu_tuning`, a committed table written by `benchmarks/gpu_sweep.sh`).
+  TPU: while the weight stream dominates, M ≤ `AUTO_PALLAS_MAX_M` (reasoned, not yet
+  measured). When the kernel refuses a weight (per-channel scales, a block size it does not
+  take) auto says why, once, and dequantises. A named backend never falls back: one that
   cannot run raises.
 
 The custom VJP differentiates with respect to x only: the cotangent is the same kind of
@@ -33,17 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import scaling
-from jaxquant.kernels import reference, xla
+from jaxquant.kernels import gpu_tuning, reference, xla
 from jaxquant.kernels.dimensions import Contraction
 from jaxquant.qarray import QuantisedArray, dequantise
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
 PALLAS_ACTIVATION_DTYPES = ("float32", "bfloat16")
-# Largest M for which "auto" uses the Pallas kernel. GPU: measured on an H200 (RESULTS.md,
-# 2026-11-28), the Triton GEMV beats dequantise + dot at M = 1 (1.3-2.0× at K = N = 8192) and
-# the GEMM loses to it from M = 16 on. TPU: where the 4-bit weight stream stops dominating
-# (kernels.md §2.2: M_crit ≈ 64 on v5e at 4.25 bits); not yet measured.
-AUTO_PALLAS_MAX_M = {"gpu": 8, "tpu": 64}
+# Largest M for which "auto" uses the Pallas kernel on TPU: where the 4-bit weight stream stops
+# dominating (kernels.md §2.2: M_crit ≈ 64 on v5e at 4.25 bits); not yet measured.
+AUTO_PALLAS_MAX_M = {"tpu": 64}
+_PALLAS_PLATFORMS = ("gpu", "tpu")
 _SAID = set()
 
 
@@ -98,9 +100,9 @@ def _forward(x, q: QuantisedArray, contraction: Contraction, backend: str) -> ja
   if backend == "pallas":
     return _pallas(x, q, contraction)
   platform = jax.default_backend()
-  if platform not in AUTO_PALLAS_MAX_M:
+  if platform not in _PALLAS_PLATFORMS:
     return xla.dot_general_xla(x, q, contraction)
-  if _is_kernel_product(q, contraction) and _rows(x, contraction) <= AUTO_PALLAS_MAX_M[platform]:
+  if _is_kernel_product(q, contraction) and _pallas_is_faster(platform, _rows(x, contraction), q):
     try:
       return _pallas(x, q, contraction)
     except NotImplementedError as error:
@@ -123,6 +125,13 @@ def _is_kernel_product(q: QuantisedArray, contraction: Contraction) -> bool:
 
 def _rows(x: jax.Array, contraction: Contraction) -> int:
   return math.prod(x.shape[a] for a in contraction.x_free)
+
+
+def _pallas_is_faster(platform: str, rows: int, q: QuantisedArray) -> bool:
+  """Whether auto should call the Pallas kernel for x[rows, K] @ q (module docstring)."""
+  if platform == "tpu":
+    return rows <= AUTO_PALLAS_MAX_M["tpu"]
+  return gpu_tuning.pallas_is_faster(max(rows, 1), q.shape[0], math.prod(q.shape[1:]), q.bits)
 
 
 def _pallas(x, q: QuantisedArray, contraction: Contraction) -> jax.Array:
@@ -169,12 +178,19 @@ def qmatmul_pallas(x: jax.Array, q: QuantisedArray) -> jax.Array:
     from jaxquant.kernels.pallas_tpu import qmatmul_pallas_tpu as kernel  # pylint: disable=import-outside-toplevel
   else:
     from jaxquant.kernels.pallas_gpu import qmatmul_pallas_gpu as kernel  # pylint: disable=import-outside-toplevel
+  return kernel(*kernel_operands(x, q, platform), bits=q.bits, block_size=q.block_size,
+                interpret=platform == "cpu")
+
+
+def kernel_operands(x: jax.Array, q: QuantisedArray, platform: str) -> tuple[jax.Array, ...]:
+  """(x, codes, scales, codebook) as the Pallas kernels of `platform` take them: x zero-padded
+  along K to the stored length, the scales decoded (bfloat16 scales kept as stored for the
+  GPU kernel: no decoding pass, half the bytes of float32) and padded to whole blocks."""
   k_stored = xla.padded_length(q)
   x = jnp.pad(x, ((0, 0), (0, k_stored - x.shape[1])))
   if platform != "tpu" and q.scales.dtype == jnp.bfloat16:
-    scales = q.scales  # read as stored: no decoding pass, half the bytes of float32
+    scales = q.scales
   else:
     scales = scaling.decode_scales(q.scales, q.scale_scales)
   scales = jnp.pad(scales, ((0, k_stored // q.block_size - scales.shape[0]), (0, 0)))
-  return kernel(x, q.codes, scales, q.codebook, bits=q.bits, block_size=q.block_size,
-                interpret=platform == "cpu")
+  return x, q.codes, scales, q.codebook

@@ -36,21 +36,35 @@ Graphcore's trick) and one 8-byte gather plus a free ``tt.split`` decodes both: 
 gathers and half the shift-and-mask work per weight. Wider codes use the codebook itself.
 
 *Two variants*, chosen by M (or `variant`); grid (M tiles, N tiles, split_k), each program
-looping over its share of the K tiles with `lax.fori_loop`:
+looping over its share of the K tiles with `lax.fori_loop` (a share of one tile is gemlite's
+loop-free GEMV: many small programs):
 
 - ``"gemv"`` (M ≤ 8, memory-bound decode): no dot. Per tile, partial[m, q, n] =
-  Σ_p x[m, q·v + p] · codebook[code p of unit q] in float32 FMAs; it is multiplied by the scale
-  once per unit (1/v multiplies per weight) into a [block_m, units, block_n] accumulator that
-  is reduced over units only once, after the K loop.
-- ``"gemm"``: dequantises W_p (codebook value times the scale, cast to the activation dtype)
-  and accumulates ``jnp.dot(x_p, W_p, preferred_element_type=float32)``. bfloat16 activations
-  use bf16 tensor-core dots; float32 activations give an IEEE float32 dot (no TF32), exact but
-  slow. Triton's dot needs every dimension ≥ 16, so block_m, block_n ≥ 16 and
-  block_k ≥ 16·v.
+  Σ_p x[m, q·v + p] · codebook[code p of unit q] in float32 FMAs, one position p at a time
+  (`_decode`), so the sum over p stays in each thread's registers; it is multiplied by the
+  scale once per unit (1/v multiplies per weight) into a [block_m, units, block_n]
+  accumulator that is reduced over units only once, after the K loop.
+- ``"gemm"``: decodes the whole tile at once (`_decode_tile`: every position p of every unit,
+  [v, units, block_n], by broadcast shifts), scales it, casts it to the activation dtype and
+  reshapes it to [block_k, block_n] in position-major row order; the activation tile
+  [block_m, units, v] is transposed to the same order, so each K tile is one
+  ``jnp.dot(..., preferred_element_type=float32)`` of depth block_k. bfloat16 activations use
+  bf16 tensor-core dots; float32 activations give an IEEE float32 dot (no TF32), exact but
+  slow. Triton's dot needs every dimension ≥ 16.
 
-*Split-K.* With split_k = S > 1 each program sums a contiguous 1/S of the K tiles into its own
-slice of a float32 [S, M, N] output, and the wrapper adds the slices: more programs for small
-grids, deterministic, and no atomics.
+The decoding (`_extract`, `_decode`, `_decode_tile`) is separate from the loads and the
+accumulation, so another GPU lowering (Mosaic GPU has no gather) can replace the lookup alone.
+
+*Memory traffic.* The codes and scales are streamed once: they are loaded with
+``eviction_policy="evict_first"`` so they do not push the activations and the lookup table
+(reused by every program) out of L2 and L1; the activations are loaded ``"evict_last"``.
+
+*Split-K*, two ways (`BlockSizes.split`). With split_k = S > 1 each program sums a contiguous
+1/S of the K tiles. ``"slices"``: into its own slice of a float32 [S, M, N] output that the
+wrapper adds (deterministic; S·M·N floats written and read again). ``"atomic"``: by float32
+atomic adds into one zeroed [M, N] output (gemlite's reduction; the order of the additions,
+and so the last bits of the result, vary from run to run). Interpret mode has no masked
+atomics, so ``"atomic"`` needs block_m | M and block_n | N.
 
 *Boundaries.* Nothing is padded: M, N and a K tail not covered by whole tiles are handled with
 masked loads (other=0) and masked stores, so a call never copies the weight. Triton needs every
@@ -66,7 +80,9 @@ module with ``jax.export(..., platforms=["cuda"])`` for both variants and bits 1
 lowering is Python code in jax and rejects what Triton cannot express (a ``jnp.take`` gather
 fails there; interpret mode accepts it). Not checked: Triton's compilation of the module to
 PTX (done by XLA on a GPU: register and shared-memory limits, layout conversions), runtime
-behaviour and speed. Block sizes, warps and stages are reasoned, not tuned.
+behaviour and speed. `default_block_sizes` is reasoned; the block sizes the kernel uses for a
+shape come from `jaxquant.kernels.gpu_tuning`, which holds what `benchmarks/gpu_sweep.sh`
+measured fastest on a GPU.
 
 Speed budget (H200, M = 1, 4-bit): streaming 4.5 bits per weight at 4.8 TB/s needs about 33
 weights per clock per SM, against 64 integer-ALU lanes and 32 L1 load lanes per SM. So a
@@ -88,9 +104,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["BlockSizes", "GEMV_MAX_M", "VARIANTS", "default_block_sizes", "qmatmul_pallas_gpu"]
+from jaxquant.kernels import gpu_tuning
+
+__all__ = ["SPLITS", "BlockSizes", "GEMV_MAX_M", "VARIANTS", "chosen_block_sizes",
+           "default_block_sizes", "qmatmul_pallas_gpu", "validate_block_sizes"]
 
 VARIANTS = ("gemv", "gemm")
+SPLITS = ("slices", "atomic")
 GEMV_MAX_M = 8
 """Largest M for which `qmatmul_pallas_gpu` picks the GEMV variant by default."""
 _ACTIVATION_DTYPES = ("float32", "bfloat16")
@@ -111,10 +131,11 @@ class BlockSizes:
     block_m: activation rows per program (a power of two; ≥ 16 for the GEMM).
     block_n: output columns per program (a power of two; ≥ 16 for the GEMM).
     block_k: K rows per loop step (a power of two, a multiple of the codes per unit v, and
-      ≥ 16·v for the GEMM).
+      ≥ 16 for the GEMM).
     split_k: programs that share one output tile, each summing a contiguous part of K.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages of the K loop.
+    split: how the split_k partial sums meet: ``"slices"`` (a second pass) or ``"atomic"``.
   """
 
   block_m: int
@@ -123,6 +144,7 @@ class BlockSizes:
   split_k: int = 1
   num_warps: int = 4
   num_stages: int = 3
+  split: str = "slices"
 
 
 def _unit(bits: int) -> tuple[int, int]:
@@ -155,7 +177,7 @@ def default_block_sizes(variant: str, m: int, k: int, n: int, bits: int,
     block_k = max(v, min(units * v, 512, _next_pow2(k)))
   elif variant == "gemm":
     block_m = min(64, max(16, _next_pow2(m)))
-    block_k = max(16 * v, min(256, _next_pow2(k)))
+    block_k = max(16, v, min(256, _next_pow2(k)))
     # The decoded weight tile (block_k × block_n in the activations' dtype) is staged in shared
     # memory for the dot: at most _GEMM_TILE_BYTES keeps a program inside the 227 KiB of an
     # H100/H200 SM (on an H200, a 256 KiB tile asked for 562 KiB, a 128 KiB one for 228 KiB).
@@ -179,11 +201,13 @@ def _and_masks(shape, *masks):
   return jnp.broadcast_to(functools.reduce(jnp.logical_and, present), shape)
 
 
-def _load(ref, mask):
-  """`ref[...]`, with the elements outside `mask` read as zero (never touching memory)."""
-  if mask is None:
+def _load(ref, mask, eviction: str | None = None):
+  """`ref[...]`, with the elements outside `mask` read as zero (never touching memory) and
+  Triton's cache `eviction` policy (``"evict_first"``, ``"evict_last"``) if given."""
+  if mask is None and eviction is None:
     return ref[...]
-  return pltriton.load(ref, mask=mask, other=0)
+  return pltriton.load(ref, mask=mask, other=None if mask is None else 0,
+                       eviction_policy=eviction)
 
 
 def _lookup(bits: int) -> int:
@@ -196,7 +220,8 @@ def _lookup_table(codebook: jax.Array, bits: int) -> jax.Array:
 
   For single lookups the codebook itself; for pairs, entry c = c₀ | c₁ << bits holds
   (codebook[c₀], codebook[c₁]) at [2c, 2c + 1], so two consecutive codes of the bit stream,
-  read as one 2·bits-bit field, decode with one 8-byte gather.
+  read as one 2·bits-bit field, decode with one 8-byte gather, and a single code c (c₁ = 0)
+  is at [2c].
   """
   if _lookup(bits) == 1:
     return codebook
@@ -229,13 +254,43 @@ def _decode(table_ref, words: list[jax.Array], first: int, bits: int) -> list[ja
   return list(jnp.unstack(pair, axis=2))  # Triton: one tt.split
 
 
-def _qmatmul_kernel(x_ref, codes_ref, scales_ref, table_ref, o_ref, *, variant, bits,
+def _decode_tile(table_ref, words: list[jax.Array], bits: int) -> jax.Array:
+  """Codebook values of every code of every unit, position-major: [v, units, block_n].
+
+  Code p of a unit starts at bit p·bits, in word ⌊p·bits/32⌋ at offset p·bits mod 32; the
+  shifts are a [v, 1, 1] vector, so all v positions decode in one broadcast, and a word of
+  each position is chosen by selects (none when a unit is one word). Single lookups: a pair
+  table (`_lookup_table`) holds code c at entry 2c.
+  """
+  v, u = _unit(bits)
+  start = jnp.arange(v, dtype=jnp.uint32)[:, None, None] * jnp.uint32(bits)
+  word, offset = start // jnp.uint32(32), start % jnp.uint32(32)
+  shape = (v,) + words[0].shape
+
+  def word_at(index):  # words[index] of every position; zero past the unit's last word
+    picked = jnp.zeros(shape, jnp.uint32)
+    for w in range(u):
+      picked = jnp.where(index == jnp.uint32(w), words[w][None], picked)
+    return picked
+
+  field = jnp.right_shift(word_at(word), offset)
+  if u > 1:  # a code may straddle into the next word (a shift by 32 would be undefined)
+    high = jnp.left_shift(word_at(word + jnp.uint32(1)),
+                          jnp.bitwise_and(jnp.uint32(32) - offset, jnp.uint32(31)))
+    field = jnp.bitwise_or(field, jnp.where(offset == jnp.uint32(0), jnp.uint32(0), high))
+  field = jnp.bitwise_and(field, jnp.uint32((1 << bits) - 1)).astype(jnp.int32)
+  return table_ref[field * _lookup(bits)]
+
+
+def _qmatmul_kernel(x_ref, codes_ref, scales_ref, table_ref, *refs, variant, bits,
                     block_size, sizes, trips, mask_m, mask_n, mask_k):
   """One (M tile, N tile, K split) program: y_tile = Σ over its K tiles of x_tile @ W_tile.
 
   x_ref: [M, Kp/v, v]; codes_ref: [Kp/v, u, N] uint32; scales_ref: [Kp/B, N] float32 or bfloat16;
-  table_ref: `_lookup_table`; o_ref: [split_k, M, N] float32.
+  table_ref: `_lookup_table`; refs[-1], the output: [split_k, M, N] float32 (``"slices"``) or a
+  zeroed [M, N] float32 it aliases (``"atomic"``).
   """
+  o_ref = refs[-1]
   v, u = _unit(bits)
   block_m, block_n, block_k = sizes.block_m, sizes.block_n, sizes.block_k
   units = block_k // v  # units per K tile
@@ -243,7 +298,7 @@ def _qmatmul_kernel(x_ref, codes_ref, scales_ref, table_ref, o_ref, *, variant, 
   # else the tile lies inside one block.
   blocks = block_k // block_size if block_k > block_size else 1
   per_block = block_size // v if block_k > block_size else units
-  m, n = o_ref.shape[1:]
+  m, n = o_ref.shape[-2:]
   total_units, total_blocks = x_ref.shape[1], scales_ref.shape[0]
   i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = pl.ds(i * block_m, block_m)
@@ -262,36 +317,43 @@ def _qmatmul_kernel(x_ref, codes_ref, scales_ref, table_ref, o_ref, *, variant, 
       b0 = lax.div(t, jnp.int32(block_size // block_k))
     b_ok = (b0 + jnp.arange(blocks) < total_blocks)[:, None] if mask_k else None
     scale = _load(scales_ref.at[pl.ds(b0, blocks), cols],
-                  _and_masks((blocks, block_n), b_ok, n_ok)).astype(jnp.float32)
+                  _and_masks((blocks, block_n), b_ok, n_ok), "evict_first").astype(jnp.float32)
     unit_scale = jnp.broadcast_to(scale[:, None, :], (blocks, per_block, block_n))
     unit_scale = unit_scale.reshape(units, block_n)  # the scale of every unit
     words = [
         _load(codes_ref.at[unit_slice, jnp.int32(w), cols],
-              _and_masks((units, block_n), None if q_ok is None else q_ok[:, None], n_ok))
+              _and_masks((units, block_n), None if q_ok is None else q_ok[:, None], n_ok),
+              "evict_first")
         for w in range(u)
     ]
+    if variant == "gemm":
+      w_tile = (_decode_tile(table_ref, words, bits) * unit_scale[None])
+      x_ok = _and_masks((block_m, units, v), None if m_ok is None else m_ok[:, :, None],
+                        None if q_ok is None else q_ok[None, :, None])
+      x_tile = _load(x_ref.at[rows, unit_slice, :], x_ok, "evict_last")
+      # Both in position-major order: K row q·v + p of the tile is row p·units + q.
+      x_tile = jnp.transpose(x_tile, (0, 2, 1)).reshape(block_m, block_k)
+      w_tile = w_tile.astype(x_tile.dtype).reshape(block_k, block_n)
+      # HIGHEST: float32 activations get an IEEE float32 dot, not Triton's default TF32.
+      return acc + jnp.dot(x_tile, w_tile, precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
     x_ok = _and_masks((block_m, units), m_ok, None if q_ok is None else q_ok[None, :])
     partial = None
     for first in range(0, v, _lookup(bits)):
       for p, values in enumerate(_decode(table_ref, words, first, bits), start=first):
-        x_p = _load(x_ref.at[rows, unit_slice, jnp.int32(p)], x_ok)  # x[rows, p::v] of the tile
-        if variant == "gemv":
-          term = x_p.astype(jnp.float32)[:, :, None] * values[None]
-          partial = term if partial is None else partial + term
-        else:
-          w_p = (values * unit_scale).astype(x_p.dtype)
-          # HIGHEST: float32 activations get an IEEE float32 dot, not Triton's default TF32.
-          acc = acc + jnp.dot(x_p, w_p, precision=lax.Precision.HIGHEST,
-                              preferred_element_type=jnp.float32)
-    if variant == "gemv":  # scale once per unit; reduce over units after the loop
-      acc = acc + partial * unit_scale[None]
-    return acc
+        x_p = _load(x_ref.at[rows, unit_slice, jnp.int32(p)], x_ok, "evict_last")  # x[rows, p::v]
+        term = x_p.astype(jnp.float32)[:, :, None] * values[None]
+        partial = term if partial is None else partial + term
+    return acc + partial * unit_scale[None]  # scale once per unit; reduce over units later
 
   if variant == "gemv":
     acc = lax.fori_loop(0, trips, step, jnp.zeros((block_m, units, block_n), jnp.float32))
     acc = jnp.sum(acc, axis=1)
   else:
     acc = lax.fori_loop(0, trips, step, jnp.zeros((block_m, block_n), jnp.float32))
+  if sizes.split == "atomic":  # validate_block_sizes: no M or N mask
+    pltriton.atomic_add(o_ref, (rows, cols), acc)
+    return
   o_ok = _and_masks((block_m, block_n), m_ok, n_ok)
   if o_ok is None:
     o_ref[s, rows, cols] = acc
@@ -333,7 +395,8 @@ def _validate(x, codes, scales, codebook, bits, block_size):
                      f"codebook.shape={tuple(codebook.shape)}")
 
 
-def _validate_block_sizes(sizes, variant, bits):
+def validate_block_sizes(sizes: BlockSizes, variant: str, bits: int, m: int, n: int) -> None:
+  """Raises TypeError/ValueError, naming the field, when `sizes` cannot tile x[m, ·] @ W[·, n]."""
   if not isinstance(sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a BlockSizes or None, got {type(sizes).__name__}")
   v, _ = _unit(bits)
@@ -344,13 +407,18 @@ def _validate_block_sizes(sizes, variant, bits):
   for name in ("split_k", "num_warps", "num_stages"):
     if fields[name] < 1:
       raise ValueError(f"block_sizes.{name}={fields[name]} must be >= 1")
-  minimum_k = 16 * v if variant == "gemm" else v
+  if sizes.split not in SPLITS:
+    raise ValueError(f"block_sizes.split={sizes.split!r} must be one of {SPLITS}")
+  minimum_k = max(16, v) if variant == "gemm" else v
   if sizes.block_k < minimum_k:
     raise ValueError(f"block_sizes.block_k={sizes.block_k} must be >= {minimum_k} for the "
                      f"{variant} variant at {bits=} ({v} codes per packed unit)")
   if variant == "gemm" and min(sizes.block_m, sizes.block_n) < 16:
     raise ValueError(f"block_sizes.block_m and block_n must be >= 16 for the gemm variant "
                      f"(Triton dot), got {sizes}")
+  if sizes.split == "atomic" and (m % sizes.block_m or n % sizes.block_n):
+    raise ValueError(f"block_sizes.split='atomic' needs block_m={sizes.block_m} to divide "
+                     f"M={m} and block_n={sizes.block_n} to divide N={n} (no masked atomics)")
 
 
 @functools.partial(
@@ -368,8 +436,11 @@ def qmatmul_pallas_gpu(x: jax.Array, codes: jax.Array, scales: jax.Array, codebo
     codebook: float32 [2**bits], the format's values padded to 2**bits entries.
     bits: bits per code, 1..8.
     block_size: K rows per scale: a power of two ≥ 32 dividing Kp.
-    block_sizes: tiling; default `default_block_sizes(variant, M, Kp, N, bits, x.dtype)`.
-    variant: ``"gemv"`` or ``"gemm"``; default GEMV for M ≤ `GEMV_MAX_M`, else GEMM.
+    block_sizes: tiling; default: the measured-fastest for this shape
+      (`jaxquant.kernels.gpu_tuning`), else `default_block_sizes(variant, M, Kp, N, bits,
+      x.dtype)`.
+    variant: ``"gemv"`` or ``"gemm"``; default: the tuning table's for the shape, else GEMV
+      for M ≤ `GEMV_MAX_M` and GEMM above.
     interpret: run the kernel in Pallas interpret mode (any backend; slow).
 
   Returns:
@@ -383,27 +454,53 @@ def qmatmul_pallas_gpu(x: jax.Array, codes: jax.Array, scales: jax.Array, codebo
   _validate(x, codes, scales, codebook, bits, block_size)
   m, kp = x.shape
   n = codes.shape[1]
-  if variant is None:
-    variant = "gemv" if m <= GEMV_MAX_M else "gemm"
-  elif variant not in VARIANTS:
+  if variant is not None and variant not in VARIANTS:
     raise ValueError(f"{variant=} must be one of {VARIANTS} or None")
-  sizes = (default_block_sizes(variant, m, kp, n, bits, x.dtype) if block_sizes is None
-           else block_sizes)
-  _validate_block_sizes(sizes, variant, bits)
+  if block_sizes is None:
+    variant, sizes = chosen_block_sizes(variant, m, kp, n, bits, x.dtype)
+  else:
+    variant, sizes = variant or _default_variant(m), block_sizes
+  validate_block_sizes(sizes, variant, bits, m, n)
   v, u = _unit(bits)
   trips = pl.cdiv(pl.cdiv(kp, sizes.block_k), sizes.split_k)
   kernel = functools.partial(
       _qmatmul_kernel, variant=variant, bits=bits, block_size=block_size, sizes=sizes,
       trips=trips, mask_m=m % sizes.block_m != 0, mask_n=n % sizes.block_n != 0,
       mask_k=trips * sizes.split_k * sizes.block_k != kp)
+  operands = (x.reshape(m, kp // v, v), codes.reshape(kp // v, u, n), scales,
+              _lookup_table(codebook, bits))
+  atomic = sizes.split == "atomic"
+  out_shape = (m, n) if atomic else (sizes.split_k, m, n)
+  if atomic:  # the output is a zeroed buffer the programs add into
+    operands += (jnp.zeros(out_shape, jnp.float32),)
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((sizes.split_k, m, n), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
       grid=(pl.cdiv(m, sizes.block_m), pl.cdiv(n, sizes.block_n), sizes.split_k),
+      input_output_aliases={4: 0} if atomic else {},
       compiler_params=pltriton.CompilerParams(
           num_warps=sizes.num_warps, num_stages=sizes.num_stages),
       interpret=interpret,
       name=f"jaxquant_qmatmul_{variant}",
-  )(x.reshape(m, kp // v, v), codes.reshape(kp // v, u, n), scales,
-    _lookup_table(codebook, bits))
-  return jnp.sum(out, axis=0)
+  )(*operands)
+  return out if atomic else jnp.sum(out, axis=0)
+
+
+def _default_variant(m: int) -> str:
+  return "gemv" if m <= GEMV_MAX_M else "gemm"
+
+
+def chosen_block_sizes(variant, m, k, n, bits, dtype) -> tuple[str, BlockSizes]:
+  """The variant and `BlockSizes` measured fastest for the shape if the tuning table has a
+  configuration that tiles it, else `variant` (by M if None) with `default_block_sizes`."""
+  tuned = gpu_tuning.block_sizes(variant, m, k, n, bits)
+  if tuned is not None:
+    tuned_variant, fields = tuned
+    sizes = BlockSizes(**fields)
+    try:
+      validate_block_sizes(sizes, tuned_variant, bits, m, n)
+      return tuned_variant, sizes
+    except ValueError:
+      pass  # e.g. an atomic split measured at another N: the default tiles every shape
+  variant = variant or _default_variant(m)
+  return variant, default_block_sizes(variant, m, k, n, bits, dtype)
