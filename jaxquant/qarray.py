@@ -38,7 +38,8 @@ class QuantSpec:
       slice along `axis`: the whole axis is one block) or ``"tensor"`` (one scale). Default:
       the format's own block size, else 64.
     scaling: ``"absmax"``, ``"signmax"`` or ``"rms"``. Default: the format's own, else absmax.
-    scale_dtype: ``float32``, ``bfloat16`` (default), ``float8_e4m3fn`` or ``"e8m0"``; None
+    scale_dtype: ``float32``, ``bfloat16`` (default), ``float16``, ``float8_e4m3fn`` or
+      ``"e8m0"``; None
       with `double_quant`.
     axis: the axis blocks run along. Default 0, the contraction axis of a Flax kernel
       [in, out] (and of `qmatmul`'s W[K, N]); `jaxquant.Rule`s and the Flax layers choose the

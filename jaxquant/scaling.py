@@ -11,7 +11,9 @@ tensor: everything). Its scale s maps the block onto the codebook, w ≈ s·v:
 - rms: s = RMS(w) / ρ with ρ the RMS the format expects (1 for formats designed for unit-RMS
   data, max|v|/√3 otherwise).
 
-Scales are stored as float32, bfloat16 (round to nearest), float8_e4m3fn (round to nearest,
+Scales are stored as float32, bfloat16 or float16 (round to nearest; float16, GGUF's scale
+type, also saturates at its largest finite number 65504 and reads scales below its smallest
+subnormal 2^-24 as zero), float8_e4m3fn (round to nearest,
 relative to one float32 factor per tensor, max|s|/448, so no scale overflows or needs its own
 exponent range) or e8m0 (a power of two rounded *up*, so no element overflows; as in the OCP MX
 formats). Double quantisation (Dettmers et al. 2023, QLoRA) stores the float32 scales as 8-bit
@@ -41,12 +43,13 @@ import numpy as np
 from jaxquant._arguments import FLOAT32_TINY
 from jaxquant.formats import Format
 
-SCALE_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "e8m0")
+SCALE_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "e8m0")
 _SCALE_DTYPE_ALIASES = {
-    "f32": "float32", "fp32": "float32", "bf16": "bfloat16", "fp8": "float8_e4m3fn",
+    "f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16",
+    "half": "float16", "fp8": "float8_e4m3fn",
     "e4m3": "float8_e4m3fn", "float8_e8m0fnu": "e8m0",
 }
-_STORAGE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+_STORAGE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
             "float8_e4m3fn": jnp.float8_e4m3fn, "e8m0": jnp.float8_e8m0fnu}
 _E4M3_MAX = 448.0
 DOUBLE_QUANT_GROUP = 256
@@ -160,11 +163,16 @@ def scale_ceiling(values: np.ndarray, dtype, scale_dtype: str | None) -> np.floa
   c·max|v| stays below the largest finite number of `dtype` (the dtype quantised; at most
   float32's, in which quantisation computes), with a 2^-20 relative headroom for the
   rounding of fp8 and double-quantised scales; rounded down onto the grid of `scale_dtype`
-  (bfloat16: truncated to 8 significant bits; e8m0: to a power of two) so that rounding a
-  scale to storage never exceeds it.
+  (bfloat16: truncated to 8 significant bits; e8m0: to a power of two; float16: at most its
+  largest finite number, then to the float16 at or below) so that rounding a scale to storage
+  never exceeds it.
   """
   largest = min(float(np.finfo(np.dtype(dtype)).max), float(np.finfo(np.float32).max))
   ceiling = np.float32(largest * _CEILING_HEADROOM / float(np.max(np.abs(values))))
+  if scale_dtype == "float16":
+    half = np.float16(min(ceiling, float(np.finfo(np.float16).max)))
+    half = half if half <= ceiling else np.nextafter(half, np.float16(0))
+    return np.float32(half)
   bits = np.array(ceiling, np.float32).view(np.uint32)
   mask = {"bfloat16": 0xFFFF0000, "e8m0": 0x7F800000}.get(scale_dtype, 0xFFFFFFFF)
   return (bits & np.uint32(mask)).view(np.float32)[()]

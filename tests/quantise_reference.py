@@ -52,9 +52,15 @@ def reference_value(values, scaling):
 
 def ceiling(values, dtype, scale_dtype):
   """The largest stored scale: c·max|v| below dtype's largest finite (≤ float32's), with
-  2^-20 headroom, rounded down onto bfloat16's 8-bit significands or e8m0's powers of two."""
+  2^-20 headroom, rounded down onto bfloat16's 8-bit significands or e8m0's powers of two,
+  or for float16 to at most 65504 and then down onto float16's grid."""
   largest = min(float(ml_dtypes.finfo(dtype).max), F32_MAX)
   c = float(F32(largest * (1 - 2.0**-20) / float(np.max(np.abs(values)))))
+  if scale_dtype == "float16":
+    c = min(c, 65504.0)
+    exponent = max(math.floor(math.log2(c)), -14)  # float16's ulp is 2^(e - 10), e >= -14
+    ulp = 2.0 ** (exponent - 10)
+    return F32(math.floor(c / ulp) * ulp)
   exponent = math.floor(math.log2(c))
   if scale_dtype == "bfloat16":
     ulp = 2.0 ** (exponent - 7)
@@ -112,8 +118,9 @@ def store(scales, scale_dtype, double_quant, signed):
     return decoded.reshape(-1)[:flat.size].reshape(scales.shape)
   if scale_dtype == "float32":
     return scales
-  if scale_dtype == "bfloat16":
-    return scales.astype(ml_dtypes.bfloat16).astype(F32)
+  if scale_dtype in ("bfloat16", "float16"):
+    return scales.astype({"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[scale_dtype]
+                         ).astype(F32)
   if scale_dtype == "float8_e4m3fn":
     factor = max(F32(np.max(np.abs(scales)) * F32(1 / E4M3_MAX)), TINY)
     stored = divide(scales, factor).astype(ml_dtypes.float8_e4m3fn).astype(F32)

@@ -27,8 +27,8 @@ FORMAT_NAMES = (
     "lut3-signmax:-1,-0.5,-0.2,0,0.1,0.3,0.6,0.9", "crd-normal-absmax-4b", "crd-t5-signmax-3b",
     "crd-laplace-rms-4b", "crd-normal-absmax-sym-3b", "crd-t7-absmax-sym-4b",
 )
-SCALE_STORAGE = (("float32", False), ("bfloat16", False), ("float8_e4m3fn", False),
-                 ("e8m0", False), (None, True))
+SCALE_STORAGE = (("float32", False), ("bfloat16", False), ("float16", False),
+                 ("float8_e4m3fn", False), ("e8m0", False), (None, True))
 DTYPES = (np.float32, jnp.bfloat16, np.float16)
 MAX_ELEMENTS = 600
 
