@@ -12,6 +12,7 @@ from jaxquant import formats as formats
 from jaxquant import gptq as gptq
 from jaxquant import interception as interception
 from jaxquant import interop as interop
+from jaxquant import lora as lora
 from jaxquant import metrics as metrics
 from jaxquant import outliers as outliers
 from jaxquant import packing as packing
@@ -45,6 +46,6 @@ __version__ = "0.1.0"
 __all__ = [
     "FakeQuantised", "QuantSpec", "QuantisedArray", "Rule", "calibration", "dequantise",
     "distributions", "dot_general", "einsum", "entropy", "fake_quantise", "fitting", "formats",
-    "gptq", "interception", "interop", "metrics", "outliers", "packing", "qat_matmul", "qmatmul",
+    "gptq", "interception", "interop", "lora", "metrics", "outliers", "packing", "qat_matmul", "qmatmul",
     "quantise", "scaling", "take",
 ]

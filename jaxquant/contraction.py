@@ -7,7 +7,8 @@ along whichever of its axes (a kernel stored [out, in] quantised along `in` incl
 packed codes are never copied or transposed: `jaxquant.kernels` streams them.
 
 Weight types. The core needs four things of a weight, so any type that has them plugs in
-(`QuantisedArray`, `jaxquant.outliers.OutlierQuantisedArray`, `jaxquant.qat.FakeQuantised`):
+(`QuantisedArray`, `jaxquant.outliers.OutlierQuantisedArray`, `jaxquant.qat.FakeQuantised`,
+`jaxquant.lora.LoRAWeight`):
 
 - ``shape`` and ``dtype``: those of the array it represents;
 - ``contract(x, contraction, backend)``: `lax.dot_general(x, W, ...)` in float32, for a checked

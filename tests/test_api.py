@@ -13,7 +13,9 @@ CONTRACT = ["formats.nf4", "formats.sf4", "formats.int_format", "formats.fp_form
             "checkpoint.save", "checkpoint.restore", "fitting.fit_grid", "entropy.compress",
             "outliers.quantise_with_outliers", "dot_general", "einsum", "take", "qat_matmul",
             "FakeQuantised", "interception.call", "interception.discover", "linen.quantised_apply",
-            "nnx.convert", "nnx.QATWeight"]
+            "nnx.convert", "nnx.QATWeight", "lora.LoRAWeight", "lora.Adapters", "nnx.add_lora",
+            "nnx.merge_lora", "nnx.LoRAParam", "nnx.save_lora", "nnx.restore_lora",
+            "linen.init_lora", "linen.merge_lora"]
 
 
 def test_contract_names_exist_and_are_documented():

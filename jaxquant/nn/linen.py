@@ -23,6 +23,11 @@ codes. `QDense` and `QDenseGeneral` are Linen modules whose params hold the weig
 compute through `jaxquant.contraction` directly and apply params that `quantise_params` made
 from `nn.Dense` / `nn.DenseGeneral` (the same layout).
 
+LoRA and QLoRA (`jaxquant.lora`): `init_lora(params, rules, rank=, alpha=)` makes adapters for
+the selected weights (packed or float) in their own collection, ``variables[LORA]``;
+`quantised_apply` with it computes x·Ŵ + (α/r)·(x·A)·B for each contraction of those weights,
+and `merge_lora` folds the adapters into the params.
+
 The output dtype follows the model's own code (interception) or, for `QDense` and
 `QDenseGeneral`, the layer's ``dtype``, else the promotion of the input, kernel and bias
 dtypes; products accumulate in float32.
@@ -39,12 +44,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import contraction, interception, kernels
+from jaxquant import lora as lora_lib
+from jaxquant.lora import LoRAWeight
 from jaxquant.nn import weights as weights_lib
 from jaxquant.nn.rules import Rule, assign, check_rules
 from jaxquant.qarray import QuantSpec, as_spec
 from jaxquant.qat import FakeQuantised
 
 Initializer = Callable[..., jax.Array]
+LORA = "lora"  # the variable collection of LoRA adapters (`init_lora`)
+_LORA_DROPOUT = 0x4C6F5241  # folded into the "dropout" rng for the adapters' masks ("LoRA")
 
 
 class QDense(nn.Module):
@@ -272,8 +281,9 @@ def quantise_params(params: Mapping[str, Any], rules: Rule | Sequence[Rule], *,
     found = _traced_uses(params, model, tuple(inputs), dict(input_kwargs or {}))
   else:
     found = _structural_uses(params, feature_ndims)
-  specs, _ = assign(rules, [(path, path.rpartition("/")[0]) for path in found])
   shapes = dict(_leaves(params))
+  found = {path: uses for path, uses in found.items() if not contraction.is_weight(shapes[path])}
+  specs, _ = assign(rules, [(path, path.rpartition("/")[0]) for path in found])
   selected = {path: weights_lib.classify(path, np.shape(shapes[path]), found[path],
                                          as_spec(specs[path]).block_size)
               for path in found if path in specs}
@@ -318,7 +328,8 @@ def _traced_uses(params, model, inputs, input_kwargs) -> dict[str, list]:
   """Each weight's uses, found by tracing ``model.apply`` abstractly."""
   shapes = dict(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **input_kwargs)))
   shapes["params"] = jax.tree_util.tree_map(
-      lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), dict(params))
+      lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), dict(params),
+      is_leaf=contraction.is_weight)
   uses = interception.discover(
       model.apply, shapes, *inputs,
       follow=lambda path, leaf: path.startswith("params/") and jnp.issubdtype(
@@ -336,7 +347,7 @@ def _structural_uses(params, feature_ndims) -> dict[str, list]:
   found = {}
   for path, value in _leaves(params):
     layer, _, name = path.rpartition("/")
-    if name != "kernel" or not layer or np.ndim(value) < 2 or contraction.is_weight(value):
+    if name != "kernel" or not layer or np.ndim(value) < 2:
       continue
     bias = _subtree(params, layer).get("bias")
     n_features = _feature_ndims(layer, np.shape(value), bias, feature_ndims.get(layer))
@@ -391,7 +402,114 @@ def quantised_apply(model: nn.Module, variables: Mapping[str, Any], *args,
       cannot serve.
   """
   kernels.check_backend(backend)
-  return interception.call(model.apply, variables, *args, backend=backend, **kwargs)
+  rngs = kwargs.get("rngs") or {}
+  dropout_key = jax.random.fold_in(rngs["dropout"], _LORA_DROPOUT) if "dropout" in rngs else None
+  return interception.call(model.apply, _with_adapters(variables, dropout_key), *args,
+                           backend=backend, **kwargs)
+
+
+def _with_adapters(variables: Mapping[str, Any], dropout_key: jax.Array | None = None
+                   ) -> dict[str, Any]:
+  """`variables` without the `LORA` collection, each weight it adapts a `LoRAWeight` (each
+  with its own dropout key folded from `dropout_key`, if given)."""
+  variables = dict(variables)
+  adapters = dict(_leaves(variables.pop(LORA, {})))
+  missing = [path for path in adapters if path not in dict(_leaves(variables["params"]))]
+  if missing:
+    raise ValueError(f"variables[{LORA!r}] holds adapters for {missing}, which are not in "
+                     "variables['params']")
+
+  keys = {path: None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+          for index, path in enumerate(adapters)}
+  if adapters:
+    variables["params"] = _map_leaves(variables["params"], lambda path, leaf: LoRAWeight(
+        leaf, adapters[path], keys[path]) if path in adapters else leaf)
+  return variables
+
+
+def _map_leaves(tree: Mapping[str, Any], fn, path: str = "") -> dict[str, Any]:
+  """A copy of a nested mapping with each leaf replaced by ``fn(path, leaf)``."""
+  return {key: _map_leaves(value, fn, _join(path, key)) if isinstance(value, Mapping)
+          else fn(_join(path, key), value) for key, value in tree.items()}
+
+
+def init_lora(params: Mapping[str, Any], rules, *, rank: int, alpha: float,
+              dropout: float = 0.0, seed: int = 0,
+              model: nn.Module | None = None, inputs: Sequence = (),
+              input_kwargs: Mapping[str, Any] | None = None,
+              feature_ndims: Mapping[str, int] | None = None) -> dict[str, Any]:
+  """LoRA adapters (`jaxquant.lora`) for the weights of a Linen ``params`` tree that `rules`
+  select: the `LORA` collection, ``variables[LORA]`` beside ``variables["params"]``.
+
+  The tree mirrors `params`: each selected weight's path holds a `jaxquant.lora.Adapters`, A
+  (W's batch and contracted axes, then r; drawn N(0, 1/fan_in)) and B (r, then W's free axes;
+  zero). `quantised_apply` with both collections computes x·Ŵ + (α/r)·(x·A)·B for each
+  contraction of an adapted weight (packed or float), in one call; differentiate with respect
+  to ``variables[LORA]`` to train the adapters alone. Which leaves are weights and which axes
+  they contract comes, as in `quantise_params`, from tracing `model` on `inputs`, else from
+  the Dense/DenseGeneral layout of every ``kernel``.
+
+  Args:
+    params: the ``params`` collection, float or from `quantise_params`.
+    rules: a regex, or a sequence of them, matched in full against each weight's path
+      (``layer_0/attn/q_einsum/w``) and its module's path.
+    rank, alpha: r ≥ 1 and α (the product is scaled by α/r).
+    dropout: the rate at which the adapters' input elements are dropped when
+      `quantised_apply` is given a ``"dropout"`` rng (as `nn.Dropout` is); the base reads them
+      all.
+    seed: the seed A is drawn from.
+    model, inputs, input_kwargs, feature_ndims: as for `quantise_params`.
+
+  Raises:
+    TypeError: `rules` are not regexes.
+    ValueError: `rank` < 1, `alpha` is not finite or `dropout` not in [0, 1); no weight
+      matches `rules`; a selected weight is also gathered, or contracted over different axes
+      in different places.
+  """
+  lora_lib.check_options(rank, alpha, dropout)
+  if model is not None:
+    found = _traced_uses(params, model, tuple(inputs), dict(input_kwargs or {}))
+  else:
+    found = _structural_uses(params, feature_ndims)
+  shapes = dict(_leaves(params))
+  sites = [weights_lib.adapter_site(path, np.shape(shapes[path]), uses)
+           for path, uses in found.items()]
+  key = jax.random.key(seed)
+  tree = {}
+  for index, site in enumerate(weights_lib.select_sites(rules, sites)):
+    layout = lora_lib.layout_for(site.shape, site.contracting, site.batch, rank=rank,
+                                 alpha=alpha, dropout=dropout)
+    node = tree
+    *parents, name = site.path.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[name] = lora_lib.init_adapters(jax.random.fold_in(key, index), site.shape, layout,
+                                        rank)
+  return tree
+
+
+def merge_lora(variables: Mapping[str, Any], rules: Rule | Sequence[Rule] = (), *,
+               calibration: Mapping[str, Any] | None = None, damping: float = 0.01,
+               act_order: bool = False) -> dict[str, Any]:
+  """``variables["params"]`` with each weight that ``variables[LORA]`` adapts replaced by
+  W + (α/r)·A·B: the float sum for a float weight; a packed one dequantised, summed and packed
+  again along its own axis with the `QuantSpec` that `rules` give it (the rules it was
+  quantised with), else with the spec it records (`jaxquant.nn.weights.spec_of`), by GPTQ for
+  the weights `calibration` covers.
+
+  Raises:
+    ValueError: there is no `LORA` collection.
+  """
+  if not variables.get(LORA):
+    raise ValueError(f"variables has no {LORA!r} collection (make it with init_lora)")
+  adapted = {path: leaf for path, leaf in _leaves(_with_adapters(variables)["params"])
+             if isinstance(leaf, LoRAWeight)}
+  specs = weights_lib.merge_specs(check_rules(rules), adapted)
+  calibrated = weights_lib.calibrated(list(specs), calibration, damping=damping,
+                                      act_order=act_order)
+
+  return _map_leaves(variables["params"], lambda path, leaf: weights_lib.merged(
+      adapted[path], specs.get(path), calibrated.get(path)) if path in adapted else leaf)
 
 
 def convert(params: Mapping[str, Any]) -> dict[str, Any]:

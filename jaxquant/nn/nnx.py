@@ -25,6 +25,13 @@ bit-identical outputs.
 With `params=` the model may be abstract (`nnx.eval_shape`): the float weights come from
 host memory one at a time, so a model larger than device memory can be converted.
 
+LoRA and QLoRA (`jaxquant.lora`): `add_lora(model, rules, rank=, alpha=)` returns a new model
+whose selected weights (packed or float) stay frozen where they are and gain two `LoRAParam`
+adapters each, A and B, shaped for the weight's contraction; its methods run under
+interception, so each contraction computes x·Ŵ + (α/r)·(x·A)·B from the packed codes.
+``nnx.Optimizer(model, tx, wrt=LoRAParam)`` trains the adapters alone, `save_lora` and
+`restore_lora` write and read them alone, and `merge_lora` folds them into the weights.
+
 GPTQ: `calibrate(model, batches, rules)` records the second moment of the inputs of every
 weight the rules select (through `jaxquant.calibration`, so any module's weights), and
 ``quantise_model(model, rules, calibration=...)`` packs those weights by GPTQ
@@ -33,6 +40,7 @@ weight the rules select (through `jaxquant.calibration`, so any module's weights
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -41,12 +49,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxquant import calibration as calibration_lib
-from jaxquant import contraction, interception, ops
+from jaxquant import contraction, interception, kernels, ops
+from jaxquant import lora as lora_lib
 from jaxquant.calibration import SecondMoment
+from jaxquant.lora import LoRAWeight
+from jaxquant.nn import checkpoint
 from jaxquant.nn import rules as rules_lib
 from jaxquant.nn import weights as weights_lib
 from jaxquant.qarray import QuantSpec, as_spec
 from jaxquant.qat import FakeQuantised
+
+# Set while an intercepted method runs the model's code, so methods it calls run plainly.
+_INTERCEPTING = contextvars.ContextVar("jaxquant_intercepting", default=False)
 
 
 class QuantisedWeight(nnx.Variable):
@@ -334,13 +348,13 @@ def _fill_floats(model, params, skip):
   nnx.update(model, state)
 
 
-def _quantise_traced(model, rules, mode, backend, params, inputs, methods, gptq):
+def _traced_uses(model, inputs, methods, followed) -> tuple[list, dict, dict]:
+  """The model's flat state, its variables' shapes, and the `Use`s of the variables that
+  `followed(variable)` selects, found by tracing ``methods[0]`` abstractly on `inputs`."""
   base = getattr(type(model), "_jaxquant_float_type", type(model))
   graphdef, state = nnx.split(model)
   flat = list(nnx.to_flat_state(state))
-  trainable = {_path_string(path) for path, variable in flat
-               if isinstance(variable, nnx.Param) and not isinstance(variable, QATWeight)
-               and not contraction.is_weight(variable.get_value())}
+  chosen = {_path_string(path) for path, variable in flat if followed(variable)}
   abstract = {_path_string(path): jax.ShapeDtypeStruct(variable.get_value().shape,
                                                        variable.get_value().dtype)
               for path, variable in flat}
@@ -351,7 +365,16 @@ def _quantise_traced(model, rules, mode, backend, params, inputs, methods, gptq)
 
   uses = interception.discover(
       run, abstract, *inputs,
-      follow=lambda path, leaf: path in trainable and jnp.issubdtype(leaf.dtype, jnp.floating))
+      follow=lambda path, leaf: path in chosen and jnp.issubdtype(leaf.dtype, jnp.floating))
+  return flat, abstract, uses
+
+
+def _quantise_traced(model, rules, mode, backend, params, inputs, methods, gptq):
+  base = getattr(type(model), "_jaxquant_float_type", type(model))
+  trainable = lambda variable: (isinstance(variable, nnx.Param)
+                                and not isinstance(variable, QATWeight)
+                                and not contraction.is_weight(variable.get_value()))
+  flat, abstract, uses = _traced_uses(model, inputs, methods, trainable)
   found = [path for path, path_uses in uses.items() if weights_lib.is_weight_use(path_uses)]
   specs, _ = rules_lib.assign(rules, [(path, path.rpartition("/")[0]) for path in found])
   selected = [weights_lib.classify(path, abstract[path].shape, uses[path],
@@ -383,11 +406,18 @@ def _with_values(flat, values: dict) -> nnx.State:
                               for path, variable in flat])
 
 
+def _stored(leaf):
+  """What a variable stores for a weight the model's code passed through."""
+  leaf = leaf.base if isinstance(leaf, LoRAWeight) else leaf
+  return leaf.weight if isinstance(leaf, FakeQuantised) else leaf
+
+
 @functools.cache
 def _intercepting_class(base: type, methods: tuple[str, ...], backend: str) -> type:
   """`base` with `methods` run under `jaxquant.interception` (one class per combination, so
   quantised models of one class share compiled programs)."""
-  fields = {"_jaxquant_float_type": base}
+  fields = {"_jaxquant_float_type": base, "_jaxquant_methods": methods,
+            "_jaxquant_backend": backend}
   for name in methods:
     fields[name] = _intercepted_method(getattr(base, name), backend)
   return type(base.__name__, (base,), fields)
@@ -397,21 +427,28 @@ def _intercepted_method(original, backend: str):
 
   @functools.wraps(original)
   def method(self, *args, **kwargs):
+    if _INTERCEPTING.get():
+      return original(self, *args, **kwargs)  # called inside the trace of another method
+    dropout_key = _lora_dropout_key(self)
     graphdef, state = nnx.split(self)
     flat = list(nnx.to_flat_state(state))
-    values = {_path_string(path): weight_of(variable) for path, variable in flat}
+    values = _with_adapters({_path_string(path): weight_of(variable)
+                             for path, variable in flat}, flat, dropout_key)
     if not any(contraction.is_weight(value) for value in values.values()):
-      return original(self, *args, **kwargs)  # called inside the trace of another method
+      return original(self, *args, **kwargs)
 
     def run(values, args, kwargs):
       module = nnx.merge(graphdef, _with_values(flat, values))
       out = original(module, *args, **kwargs)
       return out, nnx.state(module)
 
-    out, after = interception.call(run, values, args, kwargs, backend=backend)
-    master = lambda leaf: leaf.weight if isinstance(leaf, FakeQuantised) else leaf
+    token = _INTERCEPTING.set(True)
+    try:
+      out, after = interception.call(run, values, args, kwargs, backend=backend)
+    finally:
+      _INTERCEPTING.reset(token)
     nnx.update(self, jax.tree_util.tree_map(
-        master, after, is_leaf=lambda leaf: isinstance(leaf, FakeQuantised)))
+        _stored, after, is_leaf=lambda leaf: isinstance(leaf, (FakeQuantised, LoRAWeight))))
     return out
 
   return method
@@ -473,5 +510,179 @@ def quantised_bytes(model: nnx.Module) -> int:
   return total
 
 
-__all__ = ["QATWeight", "QEinsum", "QEmbed", "QLinear", "QuantisedWeight", "calibrate",
-           "convert", "quantise_model", "quantised_bytes", "weight_of", "weight_variable"]
+class LoRAParam(nnx.Param):
+  """A LoRA adapter factor, A or B, of a frozen weight (metadata ``lora``: its
+  `jaxquant.lora.AdapterLayout`); ``nnx.Optimizer(model, tx, wrt=LoRAParam)`` trains only
+  these."""
+
+
+# The adapters of a weight held as `name` are the attributes `name + suffix` of its module.
+_LORA_A, _LORA_B = "_lora_a", "_lora_b"
+
+
+def _with_adapters(values: dict, flat, dropout_key: jax.Array | None = None) -> dict:
+  """`values` (path → weight or array) with each adapted weight made a `LoRAWeight` (each
+  with its own dropout key folded from `dropout_key`, if given)."""
+  adapted = dict(values)
+  firsts = [(_path_string(path), variable) for path, variable in flat
+            if isinstance(variable, LoRAParam) and _path_string(path).endswith(_LORA_A)]
+  for index, (name, variable) in enumerate(firsts):
+    weight = name[:-len(_LORA_A)]
+    key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+    adapted[weight] = LoRAWeight(values[weight], lora_lib.Adapters(
+        values[name], values[weight + _LORA_B], variable.get_metadata()["lora"]), key)
+  return adapted
+
+
+def _lora_dropout_key(model) -> jax.Array | None:
+  """A fresh key from the model's adapter dropout (`add_lora`), unless it is off."""
+  dropout = getattr(model, "lora_dropout", None)
+  if not isinstance(dropout, nnx.Dropout) or dropout.deterministic:
+    return None
+  return dropout.rngs()
+
+
+def _stock_sites(model) -> list[weights_lib.AdapterSite]:
+  """The kernels of the stock and jaxquant linear and einsum layers, with their axes."""
+  found = []
+  for path, module in nnx.iter_modules(model):
+    name = _path_string(path + ("kernel",))
+    if isinstance(module, (nnx.Linear, QLinear)):
+      found.append(weights_lib.AdapterSite(name, tuple(module.kernel.get_value().shape), (0,)))
+    elif isinstance(module, (nnx.Einsum, QEinsum)) and module.einsum_str is not None:
+      lhs, rhs, out = _einsum_letters(module.einsum_str)
+      found.append(weights_lib.AdapterSite(
+          name, tuple(module.kernel.get_value().shape),
+          tuple(a for a, c in enumerate(rhs) if c in lhs and c not in out),
+          tuple(a for a, c in enumerate(rhs) if c in lhs and c in out)))
+  return found
+
+
+def _traced_sites(model, inputs, methods) -> list[weights_lib.AdapterSite]:
+  """Every weight the model's code contracts or gathers from, found by tracing it."""
+  followed = lambda variable: (isinstance(variable, (nnx.Param, QuantisedWeight))
+                               and not isinstance(variable, LoRAParam))
+  _, abstract, uses = _traced_uses(model, inputs, methods, followed)
+  return [weights_lib.adapter_site(name, abstract[name].shape, path_uses)
+          for name, path_uses in uses.items() if weights_lib.is_weight_use(path_uses)]
+
+
+def add_lora(model: nnx.Module, rules, *, rank: int, alpha: float, dropout: float = 0.0,
+             seed: int = 0, inputs: Sequence | None = None, methods: Sequence[str] | None = None,
+             backend: str | None = None) -> nnx.Module:
+  """A new model with LoRA adapters on every weight that `rules` select (`jaxquant.lora`).
+
+  Each selected weight W (packed, as `quantise_model` left it, or float) stays where it is,
+  frozen, and its module gains two `LoRAParam`s, ``<name>_lora_a`` (A: W's batch and
+  contracted axes, then r; drawn N(0, 1/fan_in)) and ``<name>_lora_b`` (B: r, then W's free
+  axes; zero), so the new model computes what `model` does until B is trained. Its methods
+  run under interception: each contraction of W computes x·Ŵ + (α/r)·(x·A)·B in one call,
+  from the packed codes. Train with ``nnx.Optimizer(model, tx, wrt=LoRAParam)``.
+
+  Args:
+    model: an NNX model (float, or quantised by `quantise_model`); it is left as it was.
+    rules: a regex, or a sequence of them, matched in full against each weight's parameter
+      path (``layers/3/mlp/up/kernel``) and its module's path (``layers/3/mlp/up``).
+    rank: r ≥ 1.
+    alpha: α; the adapters' product is scaled by α/r.
+    dropout: the rate at which the adapters' input elements are dropped in training (the base
+      reads them all); an `nnx.Dropout` at ``model.lora_dropout`` draws the masks, so
+      ``model.eval()`` turns it off and ``model.train()`` on.
+    seed: the seed A and the dropout masks are drawn from.
+    inputs: example positional arguments of ``methods[0]`` (arrays or
+      `jax.ShapeDtypeStruct`s): every weight the model's code contracts is found by tracing,
+      whatever module holds it, with the axes of its contraction. Without them, the kernels
+      of `nnx.Linear`, `nnx.Einsum`, `QLinear` and `QEinsum` layers.
+    methods: the methods that run under interception (default: those `quantise_model` chose,
+      else ``("__call__",)``).
+    backend: the `jaxquant.kernels` backend (default: the one `quantise_model` chose, else
+      ``"auto"``).
+
+  Raises:
+    TypeError: `rules` are not regexes.
+    ValueError: `rank` < 1, `alpha` is not finite or `dropout` not in [0, 1); no weight
+      matches `rules`; a selected weight is gathered or contracted over different axes in
+      different places, or is an item of a list rather than an attribute of a module.
+
+  Warns:
+    UserWarning: naming patterns that matched no weight.
+  """
+  lora_lib.check_options(rank, alpha, dropout)
+  model = nnx.clone(model)
+  methods = tuple(methods or getattr(type(model), "_jaxquant_methods", ("__call__",)))
+  backend = kernels.check_backend(backend or getattr(type(model), "_jaxquant_backend", "auto"))
+  sites = (_stock_sites(model) if inputs is None
+           else _traced_sites(model, tuple(inputs), methods))
+  paths = {_path_string(path): path for path, _ in nnx.to_flat_state(nnx.state(model))}
+  key = jax.random.key(seed)
+  for index, site in enumerate(weights_lib.select_sites(rules, sites)):
+    parent, name = _parent_and_key(model, paths[site.path])
+    if not isinstance(name, str):
+      raise ValueError(f"{site.path} is an item of a list; adapters are attributes of the "
+                       "module that holds the weight")
+    layout = lora_lib.layout_for(site.shape, site.contracting, site.batch, rank=rank,
+                                 alpha=alpha, dropout=dropout)
+    adapters = lora_lib.init_adapters(jax.random.fold_in(key, index), site.shape, layout, rank)
+    setattr(parent, name + _LORA_A, LoRAParam(adapters.a, lora=layout))
+    setattr(parent, name + _LORA_B, LoRAParam(adapters.b, lora=layout))
+  if dropout > 0:
+    model.lora_dropout = nnx.Dropout(dropout, rngs=nnx.Rngs(dropout=seed))
+  base = getattr(type(model), "_jaxquant_float_type", type(model))
+  model.__class__ = _intercepting_class(base, methods, backend)
+  return model
+
+
+def merge_lora(model: nnx.Module, rules: rules_lib.Rule | Sequence[rules_lib.Rule] = (), *,
+               calibration: Mapping[str, SecondMoment] | None = None, damping: float = 0.01,
+               act_order: bool = False) -> nnx.Module:
+  """A new model with each adapted weight replaced by W + (α/r)·A·B and its adapters removed.
+
+  A float base becomes the float sum. A packed base is dequantised, summed and packed again,
+  one weight at a time, along the base's own axis with the `QuantSpec` that `rules` give it
+  (the rules it was quantised with), else with the spec the base records
+  (`jaxquant.nn.weights.spec_of`: its codebook, blocks and scale storage; absmax or signmax
+  scaling): by rounding to nearest, or by GPTQ (`jaxquant.gptq`) for the weights
+  `calibration` has a second moment for (`calibrate`).
+
+  Raises:
+    ValueError: the model has no adapters.
+  """
+  model = nnx.clone(model)
+  flat = list(nnx.to_flat_state(nnx.state(model)))
+  values = {_path_string(path): weight_of(variable) for path, variable in flat}
+  adapted = {name: weight for name, weight in _with_adapters(values, flat).items()
+             if isinstance(weight, LoRAWeight)}
+  if not adapted:
+    raise ValueError("the model has no LoRA adapters (add them with add_lora)")
+  specs = weights_lib.merge_specs(rules_lib.check_rules(rules), adapted)
+  calibrated = weights_lib.calibrated(list(specs), calibration, damping=damping,
+                                      act_order=act_order)
+  variables = {_path_string(path): (path, variable) for path, variable in flat}
+  for name, weight in adapted.items():
+    path, variable = variables[name]
+    merged = weights_lib.merged(weight, specs.get(name), calibrated.get(name))
+    new = QuantisedWeight(merged) if name in specs else variable.replace(merged)
+    parent, key = _parent_and_key(model, path)
+    _replace(parent, key, new)
+    delattr(parent, key + _LORA_A)
+    delattr(parent, key + _LORA_B)
+  if isinstance(getattr(model, "lora_dropout", None), nnx.Dropout):
+    del model.lora_dropout
+  return model
+
+
+def save_lora(path, model: nnx.Module, *, overwrite: bool = False) -> None:
+  """Saves the model's adapters alone (its `LoRAParam`s) as a `jaxquant.nn.checkpoint`."""
+  checkpoint.save(path, nnx.state(model, LoRAParam), overwrite=overwrite)
+
+
+def restore_lora(path, model: nnx.Module) -> nnx.Module:
+  """Loads adapters saved by `save_lora` into `model` (the same weights adapted at the same
+  rank: `add_lora` on the packed base), in place; returns it."""
+  nnx.update(model, checkpoint.restore(path, nnx.state(model, LoRAParam)))
+  return model
+
+
+__all__ = ["LoRAParam", "QATWeight", "QEinsum", "QEmbed", "QLinear", "QuantisedWeight",
+           "add_lora", "calibrate", "convert", "merge_lora", "quantise_model", "quantised_bytes",
+           "restore_lora", "save_lora", "weight_of", "weight_variable"]

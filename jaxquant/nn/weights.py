@@ -9,6 +9,9 @@ uses read packed codes. Of those axes it takes the one whose blocks need the lea
 (an axis shorter than the block is padded to a whole block), then the longest. Any other use (``w * 2``, ``jnp.sum(w**2)``, a
 reshape, a loop over a stacked weight) cannot be served from packed codes: a rule that asks for
 such a weight to be quantised is refused with the weight's path and the operation.
+
+LoRA adapters (`jaxquant.lora`) go on weights whose every use is a contraction over the same
+axes (`adapter_site`), shaped for those axes; `merged` folds them back in.
 """
 
 from __future__ import annotations
@@ -18,11 +21,16 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
-from jaxquant import gptq
+from jaxquant import gptq, scaling
 from jaxquant.calibration import SecondMoment
+from jaxquant.contraction import is_weight
+from jaxquant.formats import lut_format
 from jaxquant.interception import Use
-from jaxquant.qarray import QuantSpec, as_spec, quantise
+from jaxquant.lora import LoRAWeight
+from jaxquant.nn.rules import Rule, assign
+from jaxquant.qarray import QuantisedArray, QuantSpec, as_spec, quantise
 from jaxquant.qat import FakeQuantised
 
 MODES = ("ptq", "qat")
@@ -121,3 +129,95 @@ def prepare(value, spec: QuantSpec, axis: int, mode: str, calibration: Calibrate
     return gptq.quantise(value, calibration.hessian, spec, damping=calibration.damping,
                          act_order=calibration.act_order)
   return quantise(value, spec) if mode == "ptq" else FakeQuantised(value, spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSite:
+  """A weight that LoRA adapters could go on (`jaxquant.lora`): its path and shape, the axes
+  its contractions contract and keep as batch axes, or why it cannot take them (`refusal`)."""
+
+  path: str
+  shape: tuple[int, ...]
+  contracting: tuple[int, ...] = ()
+  batch: tuple[int, ...] = ()
+  refusal: str | None = None
+
+
+def adapter_site(path: str, shape: Sequence[int], uses: Sequence[Use]) -> AdapterSite:
+  """The `AdapterSite` of a weight with `uses`: adapters need every use to be a contraction
+  over the same axes."""
+  shape = tuple(shape)
+  kinds = {(use.kind, tuple(sorted(use.axes)), tuple(sorted(use.batch)), use.operation)
+           for use in uses}
+  kind, axes, batch, _ = next(iter(kinds))
+  if len(kinds) == 1 and kind == "contract":
+    return AdapterSite(path, shape, axes, batch)
+  described = sorted(f"{k} {operation or axes}" for k, axes, _, operation in kinds)
+  return AdapterSite(path, shape, refusal=(
+      f"{path} (shape {shape}) is used as {', '.join(described)}; adapters take a weight that "
+      "is only contracted, always over the same axes"))
+
+
+def select_sites(rules, sites: Sequence[AdapterSite]) -> list[AdapterSite]:
+  """The sites whose parameter or module path a regex of `rules` fully matches.
+
+  Raises:
+    TypeError: `rules` is not a regex or a non-empty sequence of them.
+    ValueError: none matches, or a matched site cannot take adapters (the message names it).
+
+  Warns:
+    UserWarning: naming the patterns that matched no site.
+  """
+  patterns = (rules,) if isinstance(rules, str) else tuple(rules)
+  if not patterns or not all(isinstance(pattern, str) for pattern in patterns):
+    raise TypeError(f"rules={rules!r} must be a regex or a non-empty sequence of regexes over "
+                    "weight and module paths")
+  checked = [Rule(pattern, None) for pattern in patterns]
+  matches = lambda rule, site: rule.matches(site.path) or rule.matches(site.path.rpartition("/")[0])
+  selected = [site for site in sites if any(matches(rule, site) for rule in checked)]
+  if not selected:
+    raise ValueError(f"rules={list(patterns)} match no weight that can take adapters; those "
+                     f"are {[site.path for site in sites]}")
+  unused = [rule.pattern for rule in checked if not any(matches(rule, s) for s in selected)]
+  if unused:
+    warnings.warn(f"rules that matched no weight: {unused}", stacklevel=3)
+  refusals = [site.refusal for site in selected if site.refusal is not None]
+  if refusals:
+    raise ValueError("rules select weights that cannot take adapters:\n" + "\n".join(
+        f"  - {refusal}" for refusal in refusals))
+  return selected
+
+
+def spec_of(q: QuantisedArray) -> QuantSpec:
+  """The `QuantSpec` that packs like `q`, as far as `q` records it: its codebook (distinct
+  values), block size or granularity, axis and scale storage, with absmax scaling, or signmax
+  when its scales carry signs (int8 double-quantisation codes, or a negative scale). How the
+  scales were chosen is not recorded (a `QuantisedArray` keeps no scaling name): an rms base,
+  or one quantised with a scale search, needs the rules it was quantised with."""
+  values = np.unique(np.asarray(q.codebook, np.float64))
+  signed = q.scales.dtype == jnp.int8 or bool(
+      jnp.any(scaling.decode_scales(q.scales, q.scale_scales) < 0))
+  double_quant = q.scales.dtype in (jnp.uint8, jnp.int8)
+  return QuantSpec(lut_format(values, q.bits), axis=q.axis,
+                   block_size=q.block_size if q.granularity == "block" else q.granularity,
+                   scaling="signmax" if signed else "absmax", double_quant=double_quant,
+                   scale_dtype=None if double_quant else q.scales.dtype)
+
+
+def merge_specs(rules, adapted: Mapping[str, LoRAWeight]) -> dict[str, QuantSpec]:
+  """The `QuantSpec` each packed base of `adapted` (name → weight) is packed again with when
+  its adapters are merged: the one `rules` give it, else `spec_of` the base."""
+  packed = [name for name, weight in adapted.items() if is_weight(weight.base)]
+  specs, _ = assign(rules, [(name, name.rpartition("/")[0]) for name in packed], warn=False)
+  return {name: specs.get(name) or spec_of(adapted[name].base) for name in packed}
+
+
+def merged(weight: LoRAWeight, spec: QuantSpec | None,
+           calibration: Calibrated | None = None):
+  """W + (α/r)·A·B for an adapted weight: the float sum for a float base; for a packed one,
+  the sum packed again along the base's axis with `spec` (by GPTQ with `calibration`)."""
+  total = weight.dequantise(jnp.float32)
+  if not is_weight(weight.base):
+    return total.astype(weight.dtype)
+  return prepare(total, spec, weight.base.axis, "ptq", calibration)
+
