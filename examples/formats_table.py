@@ -2,7 +2,9 @@
 
 For Normal, Laplace and Student-t (ν = 5) samples of unit RMS, in blocks of B ∈ {32, 64, 128}
 with bf16 scales, prints the efficiency R·2^b of each format (R = ‖ŵ - w‖/‖w‖, b = bits per
-parameter including the scales; lower is better) and marks the best in each column.
+parameter including the scales; lower is better) and marks the best in each column. At B = 32
+it adds OCP MXFP4 (E2M1 with an E8M0 power-of-two scale per 32, the same 4.25 bits per
+parameter as bf16 scales at B = 64: compare it with that column too).
 
     python examples/formats_table.py                 # 2^22 samples per distribution
     python examples/formats_table.py --samples 65536 --markdown
@@ -48,7 +50,7 @@ def candidate_formats(x, block_size: int):
       ("Lloyd–Max absmax", jq.fitting.fit_lloyd_max(x, bits, block_size=block_size), "absmax"),
       ("Lloyd–Max signmax",
        jq.fitting.fit_lloyd_max(x, bits, scaling="signmax", block_size=block_size), "signmax"),
-  ]
+  ] + ([("MXFP4 (E8M0 scales)", formats.mx_format("mxfp4"), "mx")] if block_size == 32 else [])
 
 
 def efficiency_table(samples: int, seed: int = 0):
@@ -67,23 +69,32 @@ def efficiency_table(samples: int, seed: int = 0):
   return table
 
 
+def _cell(cells, b, best, markdown) -> str:
+  """One entry: R·2^b, marked when it is the column's best; a dash where not measured."""
+  if b not in cells:
+    return "—"
+  text = f"{cells[b][0]:.3f}"
+  if cells[b][0] != best:
+    return text
+  return f"**{text}**" if markdown else f"{text}*"
+
+
 def render(table, markdown: bool = False) -> str:
   lines = []
   for dist_name, rows in table.items():
-    best = {b: min(rows[label][b][0] for label in rows) for b in BLOCK_SIZES}
+    best = {b: min(rows[label][b][0] for label in rows if b in rows[label])
+            for b in BLOCK_SIZES}
     header = ["format"] + [f"B={b} ({4 + 16 / b:.3f} b)" for b in BLOCK_SIZES]
-    cell = lambda label, b: (f"**{rows[label][b][0]:.3f}**" if markdown else
-                             f"{rows[label][b][0]:.3f}*") if rows[label][b][0] == best[b] else (
-                                 f"{rows[label][b][0]:.3f}")
+
     if markdown:
       lines += [f"**{dist_name}** (R·2^b, lower is better)", "",
                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-      lines += ["| " + " | ".join([label] + [cell(label, b) for b in BLOCK_SIZES]) + " |"
+      lines += ["| " + " | ".join([label] + [_cell(rows[label], b, best[b], markdown) for b in BLOCK_SIZES]) + " |"
                 for label in rows]
     else:
       lines += [f"{dist_name}: R·2^b (lower is better; * = best)",
                 f"{header[0]:<24}" + "".join(f"{h:>20}" for h in header[1:])]
-      lines += [f"{label:<24}" + "".join(f"{cell(label, b):>20}" for b in BLOCK_SIZES)
+      lines += [f"{label:<24}" + "".join(f"{_cell(rows[label], b, best[b], markdown):>20}" for b in BLOCK_SIZES)
                 for label in rows]
     lines.append("")
   return "\n".join(lines)

@@ -322,7 +322,8 @@ def _gptq_matrix(weights, hessian, stored, fixed, factors, *, rounding: _Roundin
       else:
         decoded = fixed[block_of[i]]
       row = chunk[t]
-      code = nearest_codes(scaling.divide(row, decoded), codebook)
+      code = nearest_codes(scaling.divide(row, decoded), codebook,
+                           static.scaling == "mx")
       error = (row - codebook[code] * decoded) / within[t, t]
       chunk = chunk - jnp.where(later > t, within[t], 0.0)[:, None] * error[None, :]
       return (chunk, errors.at[t].set(error), batch_codes.at[t].set(code), stored, decoded)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import packing, scaling
-from jaxquant.formats import SCALINGS, Format, parse
+from jaxquant.formats import BLOCK_SCALINGS, Format, parse
 
 GRANULARITIES = ("channel", "tensor")
 INPUT_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -37,10 +37,11 @@ class QuantSpec:
     block_size: elements per block along `axis` (an int ≥ 1), ``"channel"`` (one scale per
       slice along `axis`: the whole axis is one block) or ``"tensor"`` (one scale). Default:
       the format's own block size, else 64.
-    scaling: ``"absmax"``, ``"signmax"`` or ``"rms"``. Default: the format's own, else absmax.
-    scale_dtype: ``float32``, ``bfloat16`` (default), ``float16``, ``float8_e4m3fn`` or
-      ``"e8m0"``; None
-      with `double_quant`.
+    scaling: ``"absmax"``, ``"signmax"``, ``"rms"`` or ``"mx"`` (the OCP MX rule: E8M0 scale
+      2^(⌊log₂ amax⌋ − emax), elements rounded to nearest-even and saturated; the MX formats'
+      own). Default: the format's own, else absmax.
+    scale_dtype: ``float32``, ``bfloat16`` (default; ``"e8m0"`` for mx), ``float16``,
+      ``float8_e4m3fn`` or ``"e8m0"``; None with `double_quant`.
     axis: the axis blocks run along. Default 0, the contraction axis of a Flax kernel
       [in, out] (and of `qmatmul`'s W[K, N]); `jaxquant.Rule`s and the Flax layers choose the
       contraction axis themselves, whatever this says.
@@ -69,8 +70,8 @@ class QuantSpec:
     if not isinstance(fmt, Format):
       raise TypeError(f"format={self.format!r} must be a jaxquant Format or a format name")
     chosen = self.scaling or fmt.scaling or "absmax"
-    if chosen not in SCALINGS:
-      raise ValueError(f"scaling={self.scaling!r} is not one of {SCALINGS}")
+    if chosen not in BLOCK_SCALINGS:
+      raise ValueError(f"scaling={self.scaling!r} is not one of {BLOCK_SCALINGS}")
     if fmt.scaling is not None and chosen != fmt.scaling:
       raise ValueError(
           f"format {fmt.name!r} was built for scaling={fmt.scaling!r} but the spec asks for "
@@ -94,8 +95,12 @@ class QuantSpec:
           f"scale_dtype={self.scale_dtype!r} cannot be combined with double_quant=True, which "
           "stores scales as int8 with float32 group scales")
     # With double quantisation the scales are 8-bit codes: no scale_dtype is stored.
+    default_dtype = "e8m0" if chosen == "mx" else "bfloat16"
     scale_dtype = None if self.double_quant else scaling.canonical_scale_dtype(
-        self.scale_dtype or "bfloat16")
+        self.scale_dtype or default_dtype)
+    if chosen == "mx" and scale_dtype != "e8m0":
+      raise ValueError(f"scaling='mx' (OCP MX) stores E8M0 scales; scale_dtype={scale_dtype!r} "
+                       f"and double_quant={self.double_quant} do not")
     if chosen == "signmax" and scale_dtype == "e8m0":
       raise ValueError("scaling='signmax' needs signed scales; scale_dtype='e8m0' has no sign")
     if chosen == "absmax" and fmt.absmax_target <= 0:
@@ -202,27 +207,46 @@ jax.tree_util.register_dataclass(
 )
 
 
-def nearest_codes(y: jax.Array, codebook: jax.Array) -> jax.Array:
+def nearest_codes(y: jax.Array, codebook: jax.Array, ties_to_even: bool = False) -> jax.Array:
   """Index of the nearest codepoint of sorted `codebook` for every element of `y` (uint32).
 
   The code is the number of midpoints (vᵢ + vᵢ₊₁)/2 below y; ties at a midpoint go to the
-  lower codepoint. Up to 16 codepoints it is counted with 15 fused comparisons per element (XLA
-  keeps no temporary: 0 bytes of temp memory at 4096², about 1.4× one f32 elementwise pass);
-  larger codebooks use a branch-free binary search of ceil(log2 K) steps.
+  lower codepoint, or with `ties_to_even` (the OCP MX rule) to the codepoint an even number
+  of steps from the zero codepoint: round to nearest-even on the bit pattern of an FP or INT
+  element, whose magnitudes count up from zero (never to the padding). Up to 16 codepoints it is counted with 15 fused
+  comparisons per element (XLA keeps no temporary: 0 bytes of temp memory at 4096², about
+  1.4× one f32 elementwise pass); larger codebooks use a branch-free binary search of
+  ceil(log2 K) steps.
   """
   midpoints = (codebook[1:] + codebook[:-1]) / 2
+  up = None  # whether a tie at each midpoint goes up
+  if ties_to_even:
+    steps = jnp.abs(jnp.arange(1, codebook.shape[0]) - jnp.argmin(jnp.abs(codebook)))
+    up = (steps % 2 == 0) & (codebook[1:] != codebook[:-1])
   if codebook.shape[0] <= 16:
-    return jnp.searchsorted(midpoints, y, method="compare_all").astype(jnp.uint32)
+    code = jnp.searchsorted(midpoints, y, method="compare_all")
+    if up is not None:
+      lead = (None,) * y.ndim  # (strict rank promotion: broadcast explicitly)
+      code = code + jnp.sum((y[..., None] == midpoints[lead]) & up[lead], axis=-1)
+    return code.astype(jnp.uint32)
   levels = max(1, math.ceil(math.log2(codebook.shape[0])))
   padding = jnp.full((2**levels - 1 - midpoints.shape[0],), jnp.inf, midpoints.dtype)
   midpoints = jnp.concatenate([midpoints, padding])
+  up = None if up is None else jnp.concatenate([up, jnp.zeros(padding.shape, bool)])
+
+  def above(index):  # y past the midpoint at `index`, ties included where they go up
+    m = midpoints[index] if isinstance(index, int) else jnp.take(midpoints, index)
+    if up is None:
+      return y > m
+    return (y > m) | ((y == m) & (up[index] if isinstance(index, int) else jnp.take(up, index)))
+
   half = 2 ** (levels - 1)
   # The first step compares with one scalar (a gather at a constant index would be
   # constant-folded into an array of y's size).
-  code = jnp.where(y > midpoints[half - 1], half, 0)
+  code = jnp.where(above(half - 1), half, 0)
   for level in reversed(range(levels - 1)):
     step = 2**level
-    code = code + jnp.where(y > jnp.take(midpoints, code + (step - 1)), step, 0)
+    code = code + jnp.where(above(code + (step - 1)), step, 0)
   return code.astype(jnp.uint32)
 
 
@@ -381,7 +405,8 @@ def stored_scales(scales, multiplier, ceiling, static: _Static, factors=None):
     stored = scaling.encode_scales(exact, static.scale_dtype, static.double_quant, signed)
     return exact, stored, scaling.decode_scales(*stored)
   codes, decoded = scaling.encode_relative(exact, factors, static.scale_dtype,
-                                           static.double_quant, signed)
+                                           static.double_quant, signed,
+                                           round_up=static.scaling != "mx")
   return exact, (codes, None), decoded
 
 
@@ -394,7 +419,7 @@ def scale_multiplier(xb, scales, codebook, ceiling, static: _Static):
 
   def squared_error(m):
     _, _, decoded = stored_scales(scales, m, ceiling, static)
-    codes = nearest_codes(scaling.divide(xb, decoded), codebook)
+    codes = nearest_codes(scaling.divide(xb, decoded), codebook, static.scaling == "mx")
     return jnp.sum(jnp.square(codebook[codes] * decoded - xb))
   candidates = jnp.asarray(scaling.scale_search_multipliers())
   return candidates[jnp.argmin(jax.lax.map(squared_error, candidates))]
@@ -408,7 +433,7 @@ def _scale_and_round(xb, codebook, inverse_reference, ceiling, static: _Static, 
   scales = statistic * inverse_reference
   multiplier = scale_multiplier(xb, scales, codebook, ceiling, static)
   exact, stored, decoded = stored_scales(scales, multiplier, ceiling, static)
-  codes = nearest_codes(scaling.divide(xb, decoded), codebook)
+  codes = nearest_codes(scaling.divide(xb, decoded), codebook, static.scaling == "mx")
   return (stored, codes, exact, jnp.all(jnp.isfinite(statistic)), jnp.any(decoded == 0),
           multiplier)
 

@@ -180,7 +180,11 @@ def scale_ceiling(values: np.ndarray, dtype, scale_dtype: str | None) -> np.floa
 
 def format_reference(fmt: Format, scaling: str) -> float:
   """What the block statistic maps onto: min(|v_min|, v_max), the signed end of larger
-  magnitude, or the RMS the format expects."""
+  magnitude, the RMS the format expects, or for the OCP MX rule 2^emax, the largest power of
+  two at most the largest value (so s = amax / 2^emax, stored rounded *down* to a power of
+  two, is 2^(⌊log₂ amax⌋ − emax))."""
+  if scaling == "mx":
+    return float(2.0 ** np.floor(np.log2(fmt.values[-1])))
   return {"absmax": fmt.absmax_target, "signmax": fmt.signmax_target,
           "rms": fmt.rms_reference}[scaling]
 
@@ -219,12 +223,13 @@ def second_level_factors(scale_scales, shape, double_quant: bool) -> jax.Array |
 
 
 def encode_relative(scales: jax.Array, factors, scale_dtype: str, double_quant: bool,
-                    signed: bool) -> tuple[jax.Array, jax.Array]:
+                    signed: bool, round_up: bool = True) -> tuple[jax.Array, jax.Array]:
   """Each scale stored on its own, given its second-level factor: (stored, decoded float32).
 
   Double quantisation: the code round(s·(1/f)) clipped to the 8-bit range; float8: s·(1/f)
   clipped to ±448 then rounded to e4m3; `factors` is None for the storages without a second
-  level (float32, bfloat16, e8m0). Elementwise, so a block's scale can be stored as soon as
+  level (float32, bfloat16, float16, e8m0; e8m0 rounds the power of two up, or down without
+  `round_up`). Elementwise, so a block's scale can be stored as soon as
   it is known, relative to factors fixed beforehand (`jaxquant.gptq` does).
   """
   if double_quant:
@@ -236,10 +241,13 @@ def encode_relative(scales: jax.Array, factors, scale_dtype: str, double_quant: 
     return stored, stored.astype(jnp.float32) * factors
   if scale_dtype == "e8m0":
     # The biased exponent byte of 2^ceil(log2 s): s's own exponent field, plus one unless s
-    # is a power of two. The byte 0 (2^-127) is kept to mean zero, 0xFF is NaN.
+    # is a power of two (of 2^floor(log2 s), the field itself, without `round_up`). The byte
+    # 0 (2^-127) is kept to mean zero, 0xFF is NaN.
     bits = jax.lax.bitcast_convert_type(scales, jnp.uint32)
     biased = (bits >> 23) & 0xFF
-    byte = jnp.minimum(biased + ((bits & 0x7FFFFF) != 0).astype(jnp.uint32), 254)
+    if round_up:
+      biased = biased + ((bits & 0x7FFFFF) != 0).astype(jnp.uint32)
+    byte = jnp.minimum(biased, 254)
     byte = jnp.where(scales > 0, byte, 0)
     byte = jnp.where(jnp.isnan(scales), 255, byte).astype(jnp.uint8)
     stored = jax.lax.bitcast_convert_type(byte, jnp.float8_e8m0fnu)

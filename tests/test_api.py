@@ -15,7 +15,10 @@ CONTRACT = ["formats.nf4", "formats.sf4", "formats.int_format", "formats.fp_form
             "FakeQuantised", "interception.call", "interception.discover", "linen.quantised_apply",
             "nnx.convert", "nnx.QATWeight", "lora.LoRAWeight", "lora.Adapters", "nnx.add_lora",
             "nnx.merge_lora", "nnx.LoRAParam", "nnx.save_lora", "nnx.restore_lora",
-            "linen.init_lora", "linen.merge_lora"]
+            "linen.init_lora", "linen.merge_lora", "interop.gguf.load", "interop.gguf.save",
+            "interop.bnb.from_state_dict", "interop.bnb.to_state_dict", "interop.safetensors.save",
+            "interop.safetensors.load", "interop.mx.from_blocks", "interop.mx.to_blocks",
+            "formats.mx_format"]
 
 
 def test_contract_names_exist_and_are_documented():

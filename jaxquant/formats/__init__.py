@@ -11,13 +11,16 @@ from jaxquant.formats._builtin import sf4 as sf4
 from jaxquant.formats._builtin import uniform_grid as uniform_grid
 from jaxquant.formats._crd import FAMILIES as FAMILIES
 from jaxquant.formats._crd import crd_format as crd_format
+from jaxquant.formats._format import BLOCK_SCALINGS as BLOCK_SCALINGS
 from jaxquant.formats._format import SCALINGS as SCALINGS
 from jaxquant.formats._format import Format as Format
 from jaxquant.formats._lloyd_max import lloyd_max as lloyd_max
 from jaxquant.formats._lloyd_max import lut_format as lut_format
+from jaxquant.formats._mx import MX_FORMATS as MX_FORMATS
+from jaxquant.formats._mx import mx_format as mx_format
 from jaxquant.formats._parse import parse as parse
 
 __all__ = [
-    "FAMILIES", "SCALINGS", "Format", "crd_format", "fp_format", "int_format", "lloyd_max",
-    "lut_format", "nf4", "parse", "sf4", "uniform_grid",
+    "BLOCK_SCALINGS", "FAMILIES", "MX_FORMATS", "SCALINGS", "Format", "crd_format", "fp_format",
+    "int_format", "lloyd_max", "lut_format", "mx_format", "nf4", "parse", "sf4", "uniform_grid",
 ]

@@ -10,6 +10,9 @@ import numpy as np
 from jaxquant import _arguments
 
 SCALINGS = ("absmax", "signmax", "rms")
+"""The scalings a codebook can be fitted or designed for."""
+BLOCK_SCALINGS = SCALINGS + ("mx",)
+"""Every block scaling: also the OCP MX rule (`jaxquant.formats.mx_format`)."""
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -65,8 +68,8 @@ class Format:
           f"format {self.name!r} has {values.size} values; a {bits}-bit format needs 2..{2**bits}")
     if np.any(np.diff(values) <= 0):
       raise ValueError(f"values of format {self.name!r} must be strictly increasing")
-    if self.scaling is not None:
-      check_scaling(self.scaling)
+    if self.scaling is not None and self.scaling not in BLOCK_SCALINGS:
+      raise ValueError(f"scaling={self.scaling!r} is not one of {BLOCK_SCALINGS}")
     if self.block_size is not None:
       object.__setattr__(self, "block_size",
                          _arguments.integer("block_size", self.block_size, low=1))

@@ -8,9 +8,10 @@ from jaxquant.formats._builtin import fp_format, int_format, nf4, sf4, uniform_g
 from jaxquant.formats._crd import crd_format
 from jaxquant.formats._format import Format
 from jaxquant.formats._lloyd_max import lut_format
+from jaxquant.formats._mx import MX_FORMATS, mx_format
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?"
-_ALIASES = {"fp4": "e2m1", "fp6": "e2m3", "fp8": "e4m3", "mxfp4": "e2m1"}
+_ALIASES = {"fp4": "e2m1", "fp6": "e2m3", "fp8": "e4m3"}
 _INT = re.compile(r"int(?P<bits>\d+)(?:-(?P<mode>sym|asym))?")
 _FP = re.compile(r"e(?P<e>\d+)m(?P<m>\d+)")
 _GRID = re.compile(rf"grid(?P<n>\d+)(?:-max(?P<max>{_NUMBER}))?")
@@ -33,6 +34,8 @@ def parse(name: str, *, block_size: int | None = None) -> Format:
     - ``nf4``, ``sf4``;
     - ``int{b}`` (two's complement), ``int{b}-sym`` (half-integers);
     - ``e{E}m{M}`` floating point, and the aliases ``fp4`` (e2m1), ``fp6`` (e2m3), ``fp8`` (e4m3);
+    - the OCP MX element formats ``mxfp4``, ``mxfp6_e2m3``, ``mxfp6_e3m2``, ``mxfp8_e4m3``,
+      ``mxfp8_e5m2``, ``mxint8`` (`mx_format`: scaling ``"mx"``, B = 32);
     - ``crd-{normal|laplace|t<ν>}-{rms|absmax|signmax}[-{sym|asym}]-{b}b[-B{block}]``: a
       cube-root-density format; the mode defaults as in `crd_format`, the block size to
       `block_size`, else 64;
@@ -57,6 +60,8 @@ def parse(name: str, *, block_size: int | None = None) -> Format:
     return nf4()
   if text == "sf4":
     return sf4()
+  if text in MX_FORMATS:
+    return mx_format(text)
   if match := _INT.fullmatch(text):
     return int_format(int(match["bits"]), symmetric=match["mode"] == "sym")
   if match := _FP.fullmatch(text):
