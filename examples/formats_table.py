@@ -4,7 +4,9 @@ For Normal, Laplace and Student-t (ν = 5) samples of unit RMS, in blocks of B �
 with bf16 scales, prints the efficiency R·2^b of each format (R = ‖ŵ - w‖/‖w‖, b = bits per
 parameter including the scales; lower is better) and marks the best in each column. At B = 32
 it adds OCP MXFP4 (E2M1 with an E8M0 power-of-two scale per 32, the same 4.25 bits per
-parameter as bf16 scales at B = 64: compare it with that column too).
+parameter as bf16 scales at B = 64: compare it with that column too) and NVIDIA's NVFP4
+(E2M1 in blocks of 16 with E4M3 scales under one float32 scale per tensor: 4.5 bits per
+parameter, which R·2^b charges it).
 
     python examples/formats_table.py                 # 2^22 samples per distribution
     python examples/formats_table.py --samples 65536 --markdown
@@ -50,7 +52,8 @@ def candidate_formats(x, block_size: int):
       ("Lloyd–Max absmax", jq.fitting.fit_lloyd_max(x, bits, block_size=block_size), "absmax"),
       ("Lloyd–Max signmax",
        jq.fitting.fit_lloyd_max(x, bits, scaling="signmax", block_size=block_size), "signmax"),
-  ] + ([("MXFP4 (E8M0 scales)", formats.mx_format("mxfp4"), "mx")] if block_size == 32 else [])
+  ] + ([("MXFP4 (E8M0 scales)", formats.mx_format("mxfp4"), "mx"),
+         ("NVFP4 (B=16, E4M3 scales)", formats.nvfp4(), "absmax")] if block_size == 32 else [])
 
 
 def efficiency_table(samples: int, seed: int = 0):
@@ -63,7 +66,8 @@ def efficiency_table(samples: int, seed: int = 0):
     for block_size in BLOCK_SIZES:
       x = jnp.asarray(data.reshape(-1, block_size))
       for label, fmt, scaling in candidate_formats(x, block_size):
-        q = jq.quantise(x, jq.QuantSpec(fmt, block_size=block_size, scaling=scaling))
+        spec = jq.QuantSpec(fmt, block_size=fmt.block_size or block_size, scaling=scaling)
+        q = jq.quantise(x, spec)
         value = float(jq.metrics.efficiency(x, q.dequantise(), q.bits_per_param))
         rows.setdefault(label, {})[block_size] = (value, fmt.name)
   return table

@@ -149,6 +149,7 @@ def quantise(w, hessian, spec: QuantSpec | str, *, damping: float = 0.01,
     ValueError: `w` or `hessian` is not finite, the shapes disagree, `spec.axis` is not
       contracted, diag H is all zero (no calibration input reached the weight) or the damped
       H is not positive definite.
+    NotImplementedError: the spec's scaling is minmax (GPTQ does not choose offsets).
 
   Example:
     >>> import jax, jaxquant as jq
@@ -161,6 +162,9 @@ def quantise(w, hessian, spec: QuantSpec | str, *, damping: float = 0.01,
     (True, True)
   """
   spec = as_spec(spec)
+  if spec.scaling == "minmax":
+    raise NotImplementedError("GPTQ chooses block scales but not block offsets; "
+                              "spec.scaling='minmax' is not supported (use round to nearest)")
   w = jnp.asarray(w) if not hasattr(w, "dtype") else w
   if not jnp.issubdtype(w.dtype, jnp.floating) or w.ndim == 0:
     raise TypeError(f"w must be a float array with at least one axis, got {w.dtype} "
@@ -170,7 +174,7 @@ def quantise(w, hessian, spec: QuantSpec | str, *, damping: float = 0.01,
   spec = dataclasses.replace(spec, axis=axis)
   moment = _as_moment(hessian, w.shape, axis)
   plan = plan_for(w, spec)
-  words, rtn_scales, scale_scales, _, finite, _, multiplier = round_to_nearest(w, plan)
+  words, rtn_scales, scale_scales, _, finite, _, multiplier, _ = round_to_nearest(w, plan)
   layout = _layout(w.shape, moment, axis, plan.static.block_size)
   codes, scales, ok = _gptq(w, moment.matrix, rtn_scales, scale_scales, multiplier,
                             plan.codebook, plan.inverse_reference, plan.ceiling,
@@ -322,8 +326,7 @@ def _gptq_matrix(weights, hessian, stored, fixed, factors, *, rounding: _Roundin
       else:
         decoded = fixed[block_of[i]]
       row = chunk[t]
-      code = nearest_codes(scaling.divide(row, decoded), codebook,
-                           static.scaling == "mx")
+      code = nearest_codes(scaling.divide(row, decoded), codebook, static.ties_to_even)
       error = (row - codebook[code] * decoded) / within[t, t]
       chunk = chunk - jnp.where(later > t, within[t], 0.0)[:, None] * error[None, :]
       return (chunk, errors.at[t].set(error), batch_codes.at[t].set(code), stored, decoded)

@@ -37,11 +37,13 @@ class QuantSpec:
     block_size: elements per block along `axis` (an int ≥ 1), ``"channel"`` (one scale per
       slice along `axis`: the whole axis is one block) or ``"tensor"`` (one scale). Default:
       the format's own block size, else 64.
-    scaling: ``"absmax"``, ``"signmax"``, ``"rms"`` or ``"mx"`` (the OCP MX rule: E8M0 scale
+    scaling: ``"absmax"``, ``"signmax"``, ``"rms"``, ``"mx"`` (the OCP MX rule: E8M0 scale
       2^(⌊log₂ amax⌋ − emax), elements rounded to nearest-even and saturated; the MX formats'
-      own). Default: the format's own, else absmax.
-    scale_dtype: ``float32``, ``bfloat16`` (default; ``"e8m0"`` for mx), ``float16``,
-      ``float8_e4m3fn`` or ``"e8m0"``; None with `double_quant`.
+      own) or ``"minmax"`` (asymmetric: w ≈ s·v + o with a block offset o, stored like the
+      scales; `jaxquant.scaling`). Default: the format's own, else absmax.
+    scale_dtype: ``float32``, ``bfloat16`` (default; the format's own where it has one:
+      ``"e8m0"`` for MX, ``float8_e4m3fn`` for NVFP4), ``float16``, ``float8_e4m3fn`` or
+      ``"e8m0"``; None with `double_quant`.
     axis: the axis blocks run along. Default 0, the contraction axis of a Flax kernel
       [in, out] (and of `qmatmul`'s W[K, N]); `jaxquant.Rule`s and the Flax layers choose the
       contraction axis themselves, whatever this says.
@@ -95,14 +97,19 @@ class QuantSpec:
           f"scale_dtype={self.scale_dtype!r} cannot be combined with double_quant=True, which "
           "stores scales as int8 with float32 group scales")
     # With double quantisation the scales are 8-bit codes: no scale_dtype is stored.
-    default_dtype = "e8m0" if chosen == "mx" else "bfloat16"
+    default_dtype = fmt.scale_dtype or ("e8m0" if chosen == "mx" else "bfloat16")
     scale_dtype = None if self.double_quant else scaling.canonical_scale_dtype(
         self.scale_dtype or default_dtype)
     if chosen == "mx" and scale_dtype != "e8m0":
       raise ValueError(f"scaling='mx' (OCP MX) stores E8M0 scales; scale_dtype={scale_dtype!r} "
                        f"and double_quant={self.double_quant} do not")
-    if chosen == "signmax" and scale_dtype == "e8m0":
-      raise ValueError("scaling='signmax' needs signed scales; scale_dtype='e8m0' has no sign")
+    if fmt.scale_dtype is not None and scale_dtype != fmt.scale_dtype:
+      raise ValueError(
+          f"format {fmt.name!r} is defined with {fmt.scale_dtype} scales but the spec asks for "
+          f"scale_dtype={scale_dtype!r} (double_quant={self.double_quant})")
+    if chosen in ("signmax", "minmax") and scale_dtype == "e8m0":
+      raise ValueError(f"scaling={chosen!r} needs signed {'scales' if chosen == 'signmax' else 'offsets'}; "
+                       "scale_dtype='e8m0' has no sign")
     if chosen == "absmax" and fmt.absmax_target <= 0:
       raise ValueError(f"scaling='absmax' needs a format with values of both signs; {fmt.name!r}")
     if self.scale_search and chosen != "rms":
@@ -124,16 +131,21 @@ class QuantisedArray:
   the logical shape with `axis` replaced by the number of blocks, and every axis 1 for a
   per-tensor scale; the dtype says how they are stored), `codebook` (float32, the format's
   values padded with its last value to 2**bits entries; codes never point at the padding),
-  and, when the scale storage needs it, `scale_scales` (float32: per-256 group scales for
-  double quantisation, or the per-tensor factor of float8 scales; else None).
+  and, when the scale storage needs it, `scale_scales` (float32: group scales for double
+  quantisation, or the per-tensor factor of float8 scales; else None). An asymmetric array
+  (minmax scaling) also has block `offsets`, shaped and stored like the scales, with their own
+  second level `offset_scales`; else both are None.
   Static metadata, all of it needed to read the leaves: the logical `shape` and `dtype`,
   `axis` (non-negative), `block_size` (the effective block length), `bits`, `granularity`
-  ("block", "channel" or "tensor"), and the packing `layout` and `layout_version`. What the
+  ("block", "channel" or "tensor"), the packing `layout` and `layout_version`, and
+  `scale_group`, how many consecutive double-quantised codes share one group scale (256, as
+  QLoRA; GGUF's K types have 8 or 16 sub-block scales per super-block). What the
   codebook is called and how its scales were chosen are not metadata, so arrays of every
   format with the same bits, blocks and shape share one compiled program.
 
   Invariants: `dequantise(q).shape == q.shape`; along `axis`, `codes` has
-  ceil(n_blocks·block_size / 32)·bits words; `w ≈ scale · codebook[code]` elementwise.
+  ceil(n_blocks·block_size / 32)·bits words; `w ≈ scale · codebook[code] (+ offset)`
+  elementwise.
   """
 
   codes: jax.Array
@@ -148,6 +160,9 @@ class QuantisedArray:
   granularity: str
   layout: str = packing.LAYOUT
   layout_version: int = packing.LAYOUT_VERSION
+  offsets: jax.Array | None = None
+  offset_scales: jax.Array | None = None
+  scale_group: int = scaling.DOUBLE_QUANT_GROUP
 
   @property
   def ndim(self) -> int:
@@ -164,7 +179,7 @@ class QuantisedArray:
   @property
   def storage_bits(self) -> int:
     """Bits stored for codes, scales and second-level scales (the codebook is not counted)."""
-    leaves = (self.codes, self.scales, self.scale_scales)
+    leaves = (self.codes, self.scales, self.scale_scales, self.offsets, self.offset_scales)
     return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize * 8 for leaf in leaves if leaf is not None)
 
   @property
@@ -174,6 +189,20 @@ class QuantisedArray:
 
   def dequantise(self, dtype=None) -> jax.Array:
     return dequantise(self, dtype)
+
+  def decoded_scales(self) -> jax.Array:
+    """The block scales in float32 (shaped as `scales`)."""
+    return scaling.decode_scales(self.scales, self.scale_scales, self.scale_group)
+
+  def decoded_offsets(self) -> jax.Array | None:
+    """The block offsets in float32 (shaped as `scales`), or None for a symmetric array."""
+    if self.offsets is None:
+      return None
+    return scaling.decode_scales(self.offsets, self.offset_scales, self.scale_group)
+
+  def symmetric_part(self) -> QuantisedArray:
+    """The array without its offsets: W − O, where O spreads each block's offset over it."""
+    return dataclasses.replace(self, offsets=None, offset_scales=None)
 
   # The weight protocol of `jaxquant.contraction`: how the array meets activations.
 
@@ -185,6 +214,31 @@ class QuantisedArray:
   def gather(self, indices: jax.Array, params: dict) -> jax.Array:
     """`lax.gather(self, indices, **params)` that gathers packed codes, then dequantises."""
     return gather(self, indices, params)
+
+  def transpose(self, axes=None) -> QuantisedArray:
+    """The array with its axes permuted (`numpy.transpose`'s `axes`; default reversed).
+
+    The packed words, scales and offsets are permuted as arrays and no code is repacked:
+    codes stay packed along the same logical axis, now at its new position. Refused for
+    double-quantised scales with more than one scale per row of groups, whose groups of
+    consecutive scales a permutation would reorder.
+    """
+    axes = tuple(reversed(range(self.ndim))) if axes is None else tuple(
+        int(a) % self.ndim for a in axes)
+    if sorted(axes) != list(range(self.ndim)):
+      raise ValueError(f"axes={axes} is not a permutation of the {self.ndim} axes")
+    order = np.arange(self.scales.size).reshape(self.scales.shape).transpose(axes).reshape(-1)
+    if self.scales.dtype in (jnp.int8, jnp.uint8) and np.any(order != np.arange(order.size)):
+      raise ValueError("transposing would reorder the groups of this array's "
+                       "double-quantised scales; dequantise and quantise again instead")
+    moved = lambda leaf: None if leaf is None else jnp.transpose(leaf, axes)
+    return dataclasses.replace(
+        self, codes=moved(self.codes), scales=moved(self.scales), offsets=moved(self.offsets),
+        shape=tuple(self.shape[a] for a in axes), axis=axes.index(self.axis))
+
+  @property
+  def T(self) -> QuantisedArray:  # noqa: N802  (numpy's name)
+    return self.transpose()
 
   def astype(self, dtype) -> QuantisedArray:
     """The same codes and scales read as an array of `dtype` (it only relabels)."""
@@ -201,9 +255,9 @@ class QuantisedArray:
 
 jax.tree_util.register_dataclass(
     QuantisedArray,
-    data_fields=["codes", "scales", "codebook", "scale_scales"],
+    data_fields=["codes", "scales", "codebook", "scale_scales", "offsets", "offset_scales"],
     meta_fields=["shape", "dtype", "axis", "block_size", "bits", "granularity", "layout",
-                 "layout_version"],
+                 "layout_version", "scale_group"],
 )
 
 
@@ -319,25 +373,27 @@ def quantise_with_scales(x, spec: QuantSpec | Format | str, *, check_finite: boo
 
   The scale s maps the block onto the codebook, w ≈ s·v (with the rms search's multiplier;
   shaped as `q.scales`), so the block represents [s·v_min, s·v_max] without clipping (swapped
-  for s < 0). Storing s (bf16, fp8, e8m0, double quantisation) rounds it.
+  for s < 0; shifted by its offset under minmax). Storing s (bf16, fp8, e8m0, double
+  quantisation) rounds it.
   """
   spec = as_spec(spec)
   x = _check_input(x, spec)
   plan = plan_for(x, spec)
-  words, scales, scale_scales, exact, finite, some_zero, _ = round_to_nearest(x, plan)
+  words, scales, scale_scales, exact, finite, some_zero, _, offsets = round_to_nearest(x, plan)
   if not isinstance(finite, jax.core.Tracer):
     if check_finite and not bool(finite):
       beyond = " or (as float64) values beyond float32's range" if x.dtype == np.float64 else ""
       raise ValueError(f"x contains NaN or Inf{beyond}; quantise only finite arrays")
     # Counted apart (compiled only when some scale is zero, e.g. for all-zero blocks).
-    zeroed = int(_zero_scaled_blocks(x, scales, scale_scales, plan.static)) if bool(some_zero) else 0
+    zeroed = int(_zero_scaled_blocks(x, scales, scale_scales, offsets, plan.static)
+                 ) if bool(some_zero) else 0
     if zeroed:
       warnings.warn(
           f"quantise: {zeroed} block(s) of x with nonzero values have a stored scale of "
           "zero and dequantise to zero: the scale is below float32's smallest normal number "
           f"({scaling.FLOAT32_TINY:.3g}), or below the range of float8 or double-quantised "
           "scales relative to the largest scale", stacklevel=2)
-  return plan.assemble(words, scales, scale_scales, x), exact
+  return plan.assemble(words, scales, scale_scales, x, offsets), exact
 
 
 def padded_codebook(codebook: jax.Array, bits: int) -> jax.Array:
@@ -357,6 +413,7 @@ class _Static(NamedTuple):
   scale_dtype: str
   double_quant: bool
   scale_search: bool
+  ties_to_even: bool
 
 
 class Plan(NamedTuple):
@@ -366,14 +423,17 @@ class Plan(NamedTuple):
   codebook: jax.Array
   inverse_reference: jax.Array  # 1 / what the block statistic maps onto
   ceiling: jax.Array  # the largest stored scale magnitude (`scaling.scale_ceiling`)
+  offset_ceiling: jax.Array  # the largest stored offset magnitude (minmax)
 
-  def assemble(self, words, scales, scale_scales, x) -> QuantisedArray:
-    """The `QuantisedArray` of packed `words` and stored scales for an array like `x`."""
+  def assemble(self, words, scales, scale_scales, x, offsets=None) -> QuantisedArray:
+    """The `QuantisedArray` of packed `words`, stored scales and, for minmax, the stored
+    (offsets, second-level offset scales) for an array like `x`."""
+    offsets, offset_scales = (None, None) if offsets is None else offsets
     return QuantisedArray(
         codes=words, scales=scales, codebook=padded_codebook(self.codebook, self.static.bits),
         scale_scales=scale_scales, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
         axis=self.static.axis, block_size=self.static.block_size, bits=self.static.bits,
-        granularity=self.static.granularity)
+        granularity=self.static.granularity, offsets=offsets, offset_scales=offset_scales)
 
 
 def plan_for(x, spec: QuantSpec) -> Plan:
@@ -382,12 +442,14 @@ def plan_for(x, spec: QuantSpec) -> Plan:
   granularity = spec.block_size if spec.block_size in GRANULARITIES else "block"
   block_size = spec.block_size if granularity == "block" else x.shape[axis]
   static = _Static(axis, block_size, granularity, spec.format.bits, spec.scaling,
-                   spec.scale_dtype, spec.double_quant, spec.scale_search)
+                   spec.scale_dtype, spec.double_quant, spec.scale_search,
+                   spec.format.ties_to_even or spec.scaling == "mx")
   inverse_reference = np.float32(1) / np.float32(scaling.format_reference(spec.format,
                                                                           spec.scaling))
   ceiling = scaling.scale_ceiling(spec.format.values, x.dtype, spec.scale_dtype)
+  offset_ceiling = scaling.scale_ceiling(np.ones(1), x.dtype, spec.scale_dtype)
   return Plan(static, jnp.asarray(spec.format.values, jnp.float32),
-              jnp.float32(inverse_reference), jnp.float32(ceiling))
+              jnp.float32(inverse_reference), jnp.float32(ceiling), jnp.float32(offset_ceiling))
 
 
 def stored_scales(scales, multiplier, ceiling, static: _Static, factors=None):
@@ -400,14 +462,26 @@ def stored_scales(scales, multiplier, ceiling, static: _Static, factors=None):
   """
   exact = jnp.clip(scales * multiplier, -ceiling, ceiling)
   exact = jnp.where(jnp.abs(exact) < scaling.FLOAT32_TINY, 0.0, exact)
-  signed = static.scaling == "signmax"
+  return exact, *_store(exact, static, static.scaling == "signmax", factors)
+
+
+def stored_offsets(low, decoded_scales, v_min, ceiling, static: _Static):
+  """Minmax: the exact, stored and decoded block offsets o = min − s·v_min for the decoded
+  scales s, saturated at ±`ceiling` and zero below 2^-126, stored signed like the scales."""
+  exact = jnp.clip(low - decoded_scales * v_min, -ceiling, ceiling)
+  exact = jnp.where(jnp.abs(exact) < scaling.FLOAT32_TINY, 0.0, exact)
+  return exact, *_store(exact, static, True, None)
+
+
+def _store(exact, static: _Static, signed: bool, factors):
+  """(stored, decoded) of exact block scales or offsets (see `stored_scales`)."""
   if factors is None and (static.double_quant or static.scale_dtype == "float8_e4m3fn"):
     stored = scaling.encode_scales(exact, static.scale_dtype, static.double_quant, signed)
-    return exact, stored, scaling.decode_scales(*stored)
+    return stored, scaling.decode_scales(*stored)
   codes, decoded = scaling.encode_relative(exact, factors, static.scale_dtype,
                                            static.double_quant, signed,
                                            round_up=static.scaling != "mx")
-  return exact, (codes, None), decoded
+  return (codes, None), decoded
 
 
 def scale_multiplier(xb, scales, codebook, ceiling, static: _Static):
@@ -419,23 +493,32 @@ def scale_multiplier(xb, scales, codebook, ceiling, static: _Static):
 
   def squared_error(m):
     _, _, decoded = stored_scales(scales, m, ceiling, static)
-    codes = nearest_codes(scaling.divide(xb, decoded), codebook, static.scaling == "mx")
+    codes = nearest_codes(scaling.divide(xb, decoded), codebook, static.ties_to_even)
     return jnp.sum(jnp.square(codebook[codes] * decoded - xb))
   candidates = jnp.asarray(scaling.scale_search_multipliers())
   return candidates[jnp.argmin(jax.lax.map(squared_error, candidates))]
 
 
-def _scale_and_round(xb, codebook, inverse_reference, ceiling, static: _Static, n: int):
-  """The stored scales, the nearest codes, the exact scales, a finiteness flag and whether
-  some stored scale is zero."""
+def _scale_and_round(xb, codebook, inverse_reference, ceiling, offset_ceiling,
+                     static: _Static, n: int):
+  """The stored scales, the nearest codes, the exact scales, a finiteness flag, whether
+  some stored scale is zero, the rms search's multiplier and the stored offsets (minmax;
+  else None)."""
   per_tensor = static.granularity == "tensor"
   statistic = scaling.block_statistic(xb, static.scaling, static.axis, n, per_tensor)
   scales = statistic * inverse_reference
   multiplier = scale_multiplier(xb, scales, codebook, ceiling, static)
   exact, stored, decoded = stored_scales(scales, multiplier, ceiling, static)
-  codes = nearest_codes(scaling.divide(xb, decoded), codebook, static.scaling == "mx")
-  return (stored, codes, exact, jnp.all(jnp.isfinite(statistic)), jnp.any(decoded == 0),
-          multiplier)
+  offsets, shifted = None, xb
+  if static.scaling == "minmax":
+    low = scaling.block_minimum(xb, static.axis, n, per_tensor)
+    _, offsets, decoded_offsets = stored_offsets(low, decoded, codebook[0], offset_ceiling,
+                                                 static)
+    shifted = xb - decoded_offsets
+  codes = nearest_codes(scaling.divide(shifted, decoded), codebook, static.ties_to_even)
+  lost = decoded == 0 if offsets is None else (decoded == 0) & (decoded_offsets == 0)
+  return (stored, codes, exact, jnp.all(jnp.isfinite(statistic)), jnp.any(lost),
+          multiplier, offsets)
 
 
 def pack_codes(codes: jax.Array, bits: int, axis: int) -> jax.Array:
@@ -447,36 +530,45 @@ def pack_codes(codes: jax.Array, bits: int, axis: int) -> jax.Array:
 
 def round_to_nearest(x: jax.Array, plan: Plan):
   """`quantise`'s program: (packed words, stored scales, second-level scales, exact scales,
-  whether x is finite, whether some stored scale is zero, the rms search's multiplier)."""
-  return _quantise(x, plan.codebook, plan.inverse_reference, plan.ceiling, plan.static)
+  whether x is finite, whether some stored scale is zero, the rms search's multiplier, and
+  for minmax (stored offsets, their second-level scales), else None)."""
+  return _quantise(x, plan.codebook, plan.inverse_reference, plan.ceiling, plan.offset_ceiling,
+                   plan.static)
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _quantise(x: jax.Array, codebook: jax.Array, inverse_reference: jax.Array,
+              ceiling: jax.Array, offset_ceiling: jax.Array, static: _Static):
+  axis, n = static.axis, x.shape[static.axis]
+  xb = scaling.to_blocks(x.astype(jnp.float32), axis, static.block_size)
+  (scales, scale_scales), codes, exact, finite, some_zero, multiplier, offsets = (
+      _scale_and_round(xb, codebook, inverse_reference, ceiling, offset_ceiling, static, n))
+  codes = codes.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 1:])
+  words = pack_codes(codes, static.bits, axis)
+  if offsets is not None:
+    offsets = (jnp.squeeze(offsets[0], axis + 1), offsets[1])
+  return (words, jnp.squeeze(scales, axis + 1), scale_scales, jnp.squeeze(exact, axis + 1),
+          finite, some_zero, multiplier, offsets)
 
 
 @functools.partial(jax.jit, static_argnums=4)
-def _quantise(x: jax.Array, codebook: jax.Array, inverse_reference: jax.Array,
-              ceiling: jax.Array, static: _Static):
-  axis, n = static.axis, x.shape[static.axis]
-  xb = scaling.to_blocks(x.astype(jnp.float32), axis, static.block_size)
-  (scales, scale_scales), codes, exact, finite, some_zero, multiplier = _scale_and_round(
-      xb, codebook, inverse_reference, ceiling, static, n)
-  codes = codes.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 1:])
-  words = pack_codes(codes, static.bits, axis)
-  return (words, jnp.squeeze(scales, axis + 1), scale_scales, jnp.squeeze(exact, axis + 1),
-          finite, some_zero, multiplier)
-
-
-@functools.partial(jax.jit, static_argnums=3)
-def _zero_scaled_blocks(x, scales, scale_scales, static: _Static):
+def _zero_scaled_blocks(x, scales, scale_scales, offsets, static: _Static):
   xb = scaling.to_blocks(x.astype(jnp.float32), static.axis, static.block_size)
-  decoded = jnp.expand_dims(scaling.decode_scales(scales, scale_scales), static.axis + 1)
+  decoded = scaling.decode_scales(scales, scale_scales)
+  if offsets is not None:  # a block with a zero scale and a nonzero offset keeps a value
+    decoded = jnp.where(scaling.decode_scales(*offsets) != 0, 1.0, decoded)
+  decoded = jnp.expand_dims(decoded, static.axis + 1)
   reduce_axes = tuple(range(xb.ndim)) if static.granularity == "tensor" else (static.axis + 1,)
   return scaling.zero_scaled_blocks(xb, decoded, reduce_axes)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def dequantise(q: QuantisedArray, dtype=None) -> jax.Array:
-  """The array a `QuantisedArray` represents: codebook[code] · scale, in `dtype`.
+  """The array a `QuantisedArray` represents: codebook[code] · scale (+ offset), in `dtype`.
 
-  Computed in float32.
+  Computed in float32; with offsets, scale·value + offset may round once (a fused
+  multiply-add, as XLA's CPU emits) or twice, which differ by at most one ulp (none where the
+  product is exact, as for GGUF's Q4_1 and K types).
 
   Args:
     q: the quantised array, or a container built on one that dequantises itself (e.g.
@@ -494,8 +586,10 @@ def dequantise(q: QuantisedArray, dtype=None) -> jax.Array:
   codes = jax.lax.slice_in_dim(codes, 0, q.n_blocks * q.block_size, axis=axis)
   values = codebook_lookup(q.codebook, codes)
   blocked = values.reshape(values.shape[:axis] + (q.n_blocks, q.block_size) + values.shape[axis + 1:])
-  scales = scaling.decode_scales(q.scales, q.scale_scales)
-  w = scaling.from_blocks(blocked * jnp.expand_dims(scales, axis + 1), axis, n)
+  blocked = blocked * jnp.expand_dims(q.decoded_scales(), axis + 1)
+  if q.offsets is not None:
+    blocked = blocked + jnp.expand_dims(q.decoded_offsets(), axis + 1)
+  w = scaling.from_blocks(blocked, axis, n)
   return w.astype(q.dtype if dtype is None else dtype)
 
 
@@ -527,21 +621,22 @@ def gather(q: QuantisedArray, indices: jax.Array, params: dict) -> jax.Array:
                          indices_are_sorted=params["indices_are_sorted"],
                          unique_indices=params["unique_indices"],
                          mode=jax.lax.GatherScatterMode.CLIP)
-  scales = scaling.decode_scales(q.scales, q.scale_scales)
-  scales = jnp.broadcast_to(scales, tuple(q.shape[a] if a in indexed else scales.shape[a]
-                                          for a in range(q.ndim)))
-  scale_sizes = list(sizes)
-  scale_sizes[q.axis] = scales.shape[q.axis]
-  for a in range(q.ndim):
-    if a not in indexed:
-      scale_sizes[a] = scales.shape[a]
-  scales = jax.lax.gather(scales, indices, numbers, tuple(scale_sizes),
+
+  def gathered(block_values):  # the decoded scales or offsets of the gathered slices
+    block_values = jnp.broadcast_to(block_values, tuple(
+        q.shape[a] if a in indexed else block_values.shape[a] for a in range(q.ndim)))
+    value_sizes = [block_values.shape[a] if a not in indexed else sizes[a]
+                   for a in range(q.ndim)]
+    return jax.lax.gather(block_values, indices, numbers, tuple(value_sizes),
                           indices_are_sorted=params["indices_are_sorted"],
                           unique_indices=params["unique_indices"], mode=params["mode"],
                           fill_value=params["fill_value"])
+
   kept = [a for a in range(q.ndim) if a not in indexed]
   axis = numbers.offset_dims[kept.index(q.axis)]
   shape = tuple(codes.shape[:axis]) + (q.shape[q.axis],) + tuple(codes.shape[axis + 1:])
-  rows = dataclasses.replace(q, codes=codes, scales=scales, scale_scales=None, shape=shape,
-                             axis=axis)
+  offsets = None if q.offsets is None else gathered(q.decoded_offsets())
+  rows = dataclasses.replace(q, codes=codes, scales=gathered(q.decoded_scales()),
+                             scale_scales=None, offsets=offsets, offset_scales=None,
+                             shape=shape, axis=axis)
   return dequantise(rows)

@@ -9,7 +9,11 @@ tensor: everything). Its scale s maps the block onto the codebook, w ≈ s·v:
   of larger magnitude (ties: the positive end), so the extreme lands on that end exactly, with
   its sign (Orr et al. 2025); the scale is signed;
 - rms: s = RMS(w) / ρ with ρ the RMS the format expects (1 for formats designed for unit-RMS
-  data, max|v|/√3 otherwise).
+  data, max|v|/√3 otherwise);
+- minmax (asymmetric): w ≈ s·v + o with s = (max w − min w) / (v_max − v_min) and the block
+  offset o = min w − s·v_min, so the block's range [min w, max w] lands on the format's whole
+  range (llama.cpp's Q4_1 and K types, with v = 0 … 2^b − 1: o is the block minimum). Offsets
+  are stored like scales, signed (int8 codes under double quantisation).
 
 Scales are stored as float32, bfloat16 or float16 (round to nearest; float16, GGUF's scale
 type, also saturates at its largest finite number 65504 and reads scales below its smallest
@@ -92,13 +96,42 @@ def from_blocks(xb: jax.Array, axis: int, n: int) -> jax.Array:
   return jax.lax.slice_in_dim(x, 0, n, axis=axis)
 
 
+def _is_real(xb: jax.Array, axis: int, n: int) -> jax.Array:
+  """Which positions of `to_blocks(x, axis, ·)` hold x's elements (not padding)."""
+  n_blocks, block_size = xb.shape[axis], xb.shape[axis + 1]
+  position = np.arange(n_blocks)[:, None] * block_size + np.arange(block_size)[None, :]
+  shape = [1] * xb.ndim
+  shape[axis], shape[axis + 1] = n_blocks, block_size
+  return jnp.asarray((position < n).reshape(shape))
+
+
+def _real_range(xb: jax.Array, axis: int, n: int, per_tensor: bool):
+  """(min, max) of each block's real elements (size-1 block axis; everything `per_tensor`)."""
+  reduce_axes = tuple(range(xb.ndim)) if per_tensor else (axis + 1,)
+  real = True if per_tensor else _is_real(xb, axis, n)
+  low = jnp.min(jnp.where(real, xb, jnp.inf), axis=reduce_axes, keepdims=True)
+  high = jnp.max(jnp.where(real, xb, -jnp.inf), axis=reduce_axes, keepdims=True)
+  return low, high
+
+
+def block_minimum(xb: jax.Array, axis: int, n: int, per_tensor: bool = False) -> jax.Array:
+  """The smallest of each block's real elements (float32; reduced as `block_statistic`: 0 for
+  a block below 2^-126 in magnitude, NaN for one with NaN or Inf)."""
+  low, high = _real_range(xb, axis, n, per_tensor)
+  low = jnp.where(jnp.maximum(-low, high) < FLOAT32_TINY, 0.0, low)
+  reduce_axes = tuple(range(xb.ndim)) if per_tensor else (axis + 1,)
+  some_nan = jnp.any(jnp.isnan(xb), axis=reduce_axes, keepdims=True)
+  return jnp.where(jnp.isfinite(low) & ~some_nan, low, jnp.nan)
+
+
 def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: bool = False,
                     count=None):
   """The statistic each block of `to_blocks(x, axis, ·)` maps onto the format (float32).
 
-  max|x|, the signed extreme (ties: the positive one), or the RMS over the block's real
+  max|x|, the signed extreme (ties: the positive one), the RMS over the block's real
   elements (the last block along an axis of length `n` may be partly padding; `count`, if
-  given, is the number of real elements of each block instead). Reduced over the block
+  given, is the number of real elements of each block instead), or for minmax half the
+  range of the real elements, max/2 − min/2 (which cannot overflow). Reduced over the block
   axis, kept as a size-1 axis; with `per_tensor`, over everything.
 
   The maxima are exact on every platform; a block whose elements are all below 2^-126 in
@@ -116,7 +149,11 @@ def block_statistic(xb: jax.Array, scaling: str, axis: int, n: int, per_tensor: 
     reduce_axes = (axis + 1,)
     if count is None:
       count = jnp.asarray(counts.astype(np.float32).reshape(shape))
-  if scaling == "signmax":
+  if scaling == "minmax":
+    low, high = _real_range(xb, axis, n, per_tensor)
+    statistic = high * np.float32(0.5) - low * np.float32(0.5)
+    peak = jnp.maximum(high, -low)
+  elif scaling == "signmax":
     high = jnp.max(xb, axis=reduce_axes, keepdims=True)
     low = jnp.min(xb, axis=reduce_axes, keepdims=True)
     statistic = jnp.where(-low > high, low, high)
@@ -182,9 +219,11 @@ def format_reference(fmt: Format, scaling: str) -> float:
   """What the block statistic maps onto: min(|v_min|, v_max), the signed end of larger
   magnitude, the RMS the format expects, or for the OCP MX rule 2^emax, the largest power of
   two at most the largest value (so s = amax / 2^emax, stored rounded *down* to a power of
-  two, is 2^(⌊log₂ amax⌋ − emax))."""
+  two, is 2^(⌊log₂ amax⌋ − emax)), or for minmax half the format's range (v_max − v_min)/2."""
   if scaling == "mx":
     return float(2.0 ** np.floor(np.log2(fmt.values[-1])))
+  if scaling == "minmax":
+    return float(fmt.values[-1] - fmt.values[0]) / 2
   return {"absmax": fmt.absmax_target, "signmax": fmt.signmax_target,
           "rms": fmt.rms_reference}[scaling]
 
@@ -256,10 +295,13 @@ def encode_relative(scales: jax.Array, factors, scale_dtype: str, double_quant: 
   return stored, stored.astype(jnp.float32)
 
 
-def decode_scales(scales: jax.Array, scale_scales=None) -> jax.Array:
-  """Float32 scales from their stored form (the storage dtype says which encoding it is)."""
+def decode_scales(scales: jax.Array, scale_scales=None, group: int = DOUBLE_QUANT_GROUP
+                  ) -> jax.Array:
+  """Float32 scales from their stored form (the storage dtype says which encoding it is):
+  8-bit codes times the scale of their group of `group` consecutive codes (flattened order),
+  float8 times its factor, e8m0 (byte 0 read as zero), or a float cast."""
   if scales.dtype in (jnp.int8, jnp.uint8):
-    groups = _groups(scales.astype(jnp.float32)) * scale_scales[:, None]
+    groups = _groups(scales.astype(jnp.float32), group) * scale_scales[:, None]
     return groups.reshape(-1)[:scales.size].reshape(scales.shape)
   if scales.dtype == jnp.float8_e8m0fnu:
     is_zero = jax.lax.bitcast_convert_type(scales, jnp.uint8) == 0
@@ -268,9 +310,9 @@ def decode_scales(scales: jax.Array, scale_scales=None) -> jax.Array:
   return decoded if scale_scales is None else decoded * scale_scales
 
 
-def _groups(values: jax.Array) -> jax.Array:
+def _groups(values: jax.Array, group: int = DOUBLE_QUANT_GROUP) -> jax.Array:
   flat = values.reshape(-1)
-  return jnp.pad(flat, (0, -flat.size % DOUBLE_QUANT_GROUP)).reshape(-1, DOUBLE_QUANT_GROUP)
+  return jnp.pad(flat, (0, -flat.size % group)).reshape(-1, group)
 
 
 def scale_search_multipliers(count: int = 17) -> np.ndarray:

@@ -171,7 +171,7 @@ def test_metadata_describes_every_leaf(saved):
   assert list(leaves) == ["down/bias", "down/kernel", "embed/embedding", "up/bias", "up/kernel"]
   assert leaves["up/kernel"]["quantised_array"] == {
       "bits": 4, "block_size": 64, "axis": 0, "granularity": "block", "shape": [256, 512],
-      "dtype": "float32", "layout": "bitstream-u32", "layout_version": 1}
+      "dtype": "float32", "layout": "bitstream-u32", "layout_version": 1, "scale_group": 256}
   arrays = leaves["up/kernel"]["arrays"]
   assert {name: (a["shape"], a["dtype"]) for name, a in arrays.items()} == {
       "codes": ([32, 512], "uint32"), "scales": ([4, 512], "bfloat16"),

@@ -26,7 +26,8 @@ def test_formats_table(capsys):
   out = capsys.readouterr().out
   assert set(table) == {"Normal", "Laplace", "Student-t ν=5"}
   for rows in table.values():
-    assert len(rows) == 13 and set(rows["MXFP4 (E8M0 scales)"]) == {32}
+    assert len(rows) == 14 and set(rows["MXFP4 (E8M0 scales)"]) == {32}
+    assert set(rows["NVFP4 (B=16, E4M3 scales)"]) == {32}
     for b in (32, 64, 128):
       values = {label: cells[b][0] for label, cells in rows.items() if b in cells}
       assert all(np.isfinite(v) and v > 1 for v in values.values())

@@ -103,3 +103,52 @@ def test_gpt_oss_blocks_and_scales_round_trip_and_match_their_decoding():
     jq.interop.mx.from_blocks(blocks, np.zeros_like(scales))
   with pytest.raises(ValueError, match="is not MXFP4"):
     jq.interop.mx.to_blocks(jq.quantise(jnp.asarray(x), jq.QuantSpec("nf4", axis=-1)))
+
+
+def nvfp4_reference(x):
+  """NVFP4 of the rows of x in blocks of 16 by the recipe `jaxquant.formats.nvfp4` pins
+  (numpy float32 on ml_dtypes' types): s_b = amax_b·(1/6), f = max_b(s_b)·(1/448),
+  stored block scale e4m3(s_b·(1/f)), decoded d = e4m3·f, elements e2m1(x·(1/d)) rounded to
+  nearest-even and saturated at ±6. Returns (dequantised, stored e4m3 scales, f)."""
+  f32 = np.float32
+  blocks = x.reshape(x.shape[0], -1, 16).astype(f32)
+  scales = (np.max(np.abs(blocks), axis=-1) * (f32(1) / f32(6))).astype(f32)
+  factor = f32(np.max(scales) * f32(1 / 448))
+  stored = (scales * (f32(1) / factor)).astype(f32).astype(ml_dtypes.float8_e4m3fn)
+  decoded = (stored.astype(f32) * factor).astype(f32)
+  with np.errstate(divide="ignore"):
+    reciprocal = np.where(decoded == 0, f32(0), f32(1) / decoded).astype(f32)
+  y = np.clip((blocks * reciprocal[..., None]).astype(f32), -6, 6)
+  values = y.astype(ml_dtypes.float4_e2m1fn).astype(f32)
+  return (values * decoded[..., None]).reshape(x.shape).astype(f32), stored, factor
+
+
+def test_nvfp4_matches_its_reference():
+  rng = np.random.default_rng(3)
+  x = (rng.standard_t(4, (32, 256)) * 0.02).astype(np.float32)
+  x[1] *= 300  # other exponent ranges: block scales spread over E4M3's range
+  x[2, :16] = np.linspace(-7, 7, 16)  # saturation
+  x[3, :16] = [6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5] * 2  # every E2M1 tie, scale 1 at most
+  q = jq.quantise(jnp.asarray(x), jq.QuantSpec("nvfp4", axis=1))
+  assert q.block_size == 16 and q.scales.dtype == jnp.float8_e4m3fn
+  assert q.bits_per_param == 4 + 8 / 16 + 32 / x.size
+  expected, stored, factor = nvfp4_reference(x)
+  np.testing.assert_array_equal(np.asarray(q.dequantise()), expected)
+  np.testing.assert_array_equal(np.asarray(q.scales).view(np.uint8), stored.view(np.uint8))
+  assert float(q.scale_scales) == float(factor)
+
+
+def test_nvfp4_preset():
+  fmt = jq.formats.parse("nvfp4")
+  assert fmt == jq.formats.parse(fmt.name) and fmt.block_size == 16 and fmt.ties_to_even
+  np.testing.assert_array_equal(fmt.values, jq.formats.parse("mxfp4").values)
+  with pytest.raises(ValueError, match="defined with float8_e4m3fn scales"):
+    jq.QuantSpec("nvfp4", scale_dtype="bfloat16")
+  # The same codebook without the preset rounds ties down, not to even.
+  e2m1 = jq.QuantSpec("e2m1", block_size=16, scale_dtype="float8_e4m3fn", axis=1)
+  tie = jnp.asarray([[6.0, 2.5] + [0.0] * 14])
+  assert float(jq.quantise(tie, e2m1).dequantise()[0, 1]) == 2.0
+  assert float(jq.quantise(tie, jq.QuantSpec("nvfp4", axis=1)).dequantise()[0, 1]) == 2.0
+  tie = jnp.asarray([[6.0, 3.5] + [0.0] * 14])
+  assert float(jq.quantise(tie, e2m1).dequantise()[0, 1]) == 3.0
+  assert float(jq.quantise(tie, jq.QuantSpec("nvfp4", axis=1)).dequantise()[0, 1]) == 4.0

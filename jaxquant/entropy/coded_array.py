@@ -20,7 +20,7 @@ from jaxquant.entropy.huffman import HuffmanCode
 from jaxquant.qarray import QuantisedArray
 
 # The array leaves of a `QuantisedArray`; its other fields are static metadata.
-_ARRAY_FIELDS = ("codes", "scales", "codebook", "scale_scales")
+_ARRAY_FIELDS = ("codes", "scales", "codebook", "scale_scales", "offsets", "offset_scales")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -165,6 +165,7 @@ def compress(q: QuantisedArray) -> EntropyCodedArray:
     TypeError: `q` is not a `QuantisedArray`.
     ValueError: `q.codes` holds padding codes `quantise` would not write, or a code that
       points at the codebook's padding.
+    NotImplementedError: `q` has block offsets (minmax scaling).
 
   Example:
     >>> import jax.numpy as jnp, jaxquant as jq
@@ -177,6 +178,9 @@ def compress(q: QuantisedArray) -> EntropyCodedArray:
     True
   """
   codes = symbols.checked_codes(q)
+  if q.offsets is not None:
+    raise NotImplementedError("compress entropy-codes symmetric arrays; q has block offsets "
+                              "(minmax scaling)")
   code = HuffmanCode.from_counts(symbols.symbol_counts(codes, q.codebook))
   metadata = {field.name: getattr(q, field.name) for field in dataclasses.fields(q)
               if field.name not in _ARRAY_FIELDS}

@@ -49,7 +49,7 @@ def _scaled_values(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, int]:
   `spec.format` are those `quantise` gives x with that grid.
   """
   q = quantise(x, spec)
-  scales = scaling_lib.decode_scales(q.scales, q.scale_scales)
+  scales = q.decoded_scales()
   scales = jnp.repeat(scales, q.block_size, axis=q.axis)
   scales = jax.lax.slice_in_dim(scales, 0, q.shape[q.axis], axis=q.axis)
   return scaling_lib.divide(x, scales).reshape(-1), sizes.scale_bits(q.scales, q.scale_scales)

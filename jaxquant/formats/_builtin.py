@@ -43,6 +43,18 @@ def int_format(bits: int, symmetric: bool = False) -> Format:
   return Format(np.arange(-half, half), bits, f"int{bits}")
 
 
+def uint_format(bits: int) -> Format:
+  """The unsigned integers 0 … 2^b - 1, for the asymmetric min/max scaling (w = s·q + o, as
+  llama.cpp's Q4_1 and K types store blocks).
+
+  Example:
+    >>> uint_format(2).values.tolist()
+    [0.0, 1.0, 2.0, 3.0]
+  """
+  bits = check_bits(bits)
+  return Format(np.arange(2**bits), bits, f"uint{bits}", scaling="minmax")
+
+
 def fp_format(exponent_bits: int, mantissa_bits: int) -> Format:
   """A sign + ExMy floating-point format with subnormals and no reserved specials.
 

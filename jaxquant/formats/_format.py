@@ -11,8 +11,9 @@ from jaxquant import _arguments
 
 SCALINGS = ("absmax", "signmax", "rms")
 """The scalings a codebook can be fitted or designed for."""
-BLOCK_SCALINGS = SCALINGS + ("mx",)
-"""Every block scaling: also the OCP MX rule (`jaxquant.formats.mx_format`)."""
+BLOCK_SCALINGS = SCALINGS + ("mx", "minmax")
+"""Every block scaling: also the OCP MX rule (`jaxquant.formats.mx_format`) and the
+asymmetric min/max rule, w ≈ s·v + o (`jaxquant.scaling`)."""
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -41,8 +42,8 @@ class Format:
   Invariants: `values` is a read-only, strictly increasing, finite 1-D float64 array with
   2 ≤ len(values) ≤ 2**bits (a format may use fewer codes than its bits allow, e.g. E2M1
   has 15 distinct values because ±0 coincide); `name` parses back to an equal format with
-  `jaxquant.formats.parse`. `scaling` and `block_size` record what the codebook was designed
-  for (None: any); `QuantSpec` takes them as defaults and refuses contradictions.
+  `jaxquant.formats.parse`. `scaling`, `block_size` and `scale_dtype` record what the codebook
+  was designed for (None: any); `QuantSpec` takes them as defaults and refuses contradictions.
 
   Attributes:
     values: sorted codepoints, in the format's own units (INT4 is -8..7, NF4 lies in [-1, 1]).
@@ -50,6 +51,11 @@ class Format:
     name: canonical name, e.g. ``"nf4"``, ``"int4"``, ``"crd-t7-absmax-sym-4b-B64"``.
     scaling: the block scaling the codebook was designed for, or None.
     block_size: the block size the codebook was designed for, or None.
+    scale_dtype: the scale storage the format is defined with (``"e8m0"`` for OCP MX,
+      ``"float8_e4m3fn"`` for NVFP4), or None.
+    ties_to_even: a value halfway between two codepoints rounds to the one an even number of
+      steps from zero (round to nearest-even on an FP or INT element's bit pattern, as OCP MX
+      and NVFP4 define); otherwise to the lower one.
   """
 
   values: np.ndarray
@@ -57,6 +63,8 @@ class Format:
   name: str
   scaling: str | None = None
   block_size: int | None = None
+  scale_dtype: str | None = None
+  ties_to_even: bool = False
 
   def __post_init__(self):
     bits = check_bits(self.bits, low=MIN_BITS)
@@ -73,12 +81,15 @@ class Format:
     if self.block_size is not None:
       object.__setattr__(self, "block_size",
                          _arguments.integer("block_size", self.block_size, low=1))
+    if not isinstance(self.ties_to_even, bool):
+      raise TypeError(f"ties_to_even={self.ties_to_even!r} must be a bool")
     values.setflags(write=False)
     object.__setattr__(self, "values", values)
     object.__setattr__(self, "bits", bits)
 
   def _key(self):
-    return (self.values.tobytes(), self.bits, self.name, self.scaling, self.block_size)
+    return (self.values.tobytes(), self.bits, self.name, self.scaling, self.block_size,
+            self.scale_dtype, self.ties_to_even)
 
   def __eq__(self, other):
     return isinstance(other, Format) and self._key() == other._key()

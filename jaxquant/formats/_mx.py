@@ -27,6 +27,10 @@ The values come from ml_dtypes' types of the same names (`float4_e2m1fn`, `float
 nearest-even is on the element's bit pattern: a value halfway between two neighbours goes to
 the one whose magnitude is an even number of steps from zero
 (`jaxquant.qarray.nearest_codes(..., ties_to_even=True)`).
+
+NVIDIA's NVFP4 (`nvfp4`) has the same E2M1 elements in blocks of 16 with a two-level scale:
+a float8 E4M3 scale per block relative to a float32 scale per tensor (NVIDIA, "Introducing
+NVFP4 for efficient and accurate low-precision inference", 2025).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 from jaxquant.formats._format import Format
 
 MX_BLOCK = 32
+NVFP4_BLOCK = 16
 _FLOAT_ELEMENTS = {
     "mxfp4": (ml_dtypes.float4_e2m1fn, 4), "mxfp6_e2m3": (ml_dtypes.float6_e2m3fn, 6),
     "mxfp6_e3m2": (ml_dtypes.float6_e3m2fn, 6), "mxfp8_e4m3": (ml_dtypes.float8_e4m3fn, 8),
@@ -55,5 +60,23 @@ def mx_format(name: str) -> Format:
     values = np.unique(decoded[np.isfinite(decoded)])
   else:
     raise ValueError(f"{name=} is not one of {MX_FORMATS}")
-  return Format(values, bits, name, scaling="mx", block_size=MX_BLOCK)
+  return Format(values, bits, name, scaling="mx", block_size=MX_BLOCK, scale_dtype="e8m0",
+                ties_to_even=True)
+
+
+def nvfp4() -> Format:
+  """NVIDIA's NVFP4: E2M1 elements in blocks of 16, each block with a float8 E4M3 scale that
+  is itself relative to one float32 scale per tensor (absmax scaling onto 6, elements
+  rounded to nearest-even and saturated).
+
+  With `QuantSpec("nvfp4")` the recipe is jaxquant's float8 storage (`jaxquant.scaling`):
+  block scales s_b = amax_b / 6, the per-tensor factor f = max_b(s_b)·(1/448) (so the largest
+  block scale is stored as 448), stored e4m3(s_b·(1/f)), decoded e4m3·f, and elements
+  x·(1/(e4m3·f)) rounded to nearest-even. NVIDIA's reference computes the factor as
+  amax/(6·448) and divides instead of multiplying by the reciprocal, which can differ in the
+  last bit of the factor, and so in a few rounded elements.
+  """
+  decoded = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float64)
+  return Format(np.unique(decoded), 4, "nvfp4", scaling="absmax", block_size=NVFP4_BLOCK,
+                scale_dtype="float8_e4m3fn", ties_to_even=True)
 

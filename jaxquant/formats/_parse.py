@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import re
 
-from jaxquant.formats._builtin import fp_format, int_format, nf4, sf4, uniform_grid
+from jaxquant.formats._builtin import fp_format, int_format, nf4, sf4, uint_format, uniform_grid
 from jaxquant.formats._crd import crd_format
 from jaxquant.formats._format import Format
 from jaxquant.formats._lloyd_max import lut_format
-from jaxquant.formats._mx import MX_FORMATS, mx_format
+from jaxquant.formats._mx import MX_FORMATS, mx_format, nvfp4
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?"
 _ALIASES = {"fp4": "e2m1", "fp6": "e2m3", "fp8": "e4m3"}
 _INT = re.compile(r"int(?P<bits>\d+)(?:-(?P<mode>sym|asym))?")
+_UINT = re.compile(r"uint(?P<bits>\d+)")
 _FP = re.compile(r"e(?P<e>\d+)m(?P<m>\d+)")
 _GRID = re.compile(rf"grid(?P<n>\d+)(?:-max(?P<max>{_NUMBER}))?")
 _CRD = re.compile(
@@ -35,7 +36,9 @@ def parse(name: str, *, block_size: int | None = None) -> Format:
     - ``int{b}`` (two's complement), ``int{b}-sym`` (half-integers);
     - ``e{E}m{M}`` floating point, and the aliases ``fp4`` (e2m1), ``fp6`` (e2m3), ``fp8`` (e4m3);
     - the OCP MX element formats ``mxfp4``, ``mxfp6_e2m3``, ``mxfp6_e3m2``, ``mxfp8_e4m3``,
-      ``mxfp8_e5m2``, ``mxint8`` (`mx_format`: scaling ``"mx"``, B = 32);
+      ``mxfp8_e5m2``, ``mxint8`` (`mx_format`: scaling ``"mx"``, B = 32), and NVIDIA's
+      ``nvfp4`` (`nvfp4`: E2M1, B = 16, E4M3 scales);
+    - ``uint{b}``: the unsigned integers 0 … 2^b - 1, for scaling ``"minmax"``;
     - ``crd-{normal|laplace|t<ν>}-{rms|absmax|signmax}[-{sym|asym}]-{b}b[-B{block}]``: a
       cube-root-density format; the mode defaults as in `crd_format`, the block size to
       `block_size`, else 64;
@@ -62,6 +65,10 @@ def parse(name: str, *, block_size: int | None = None) -> Format:
     return sf4()
   if text in MX_FORMATS:
     return mx_format(text)
+  if text == "nvfp4":
+    return nvfp4()
+  if match := _UINT.fullmatch(text):
+    return uint_format(int(match["bits"]))
   if match := _INT.fullmatch(text):
     return int_format(int(match["bits"]), symmetric=match["mode"] == "sym")
   if match := _FP.fullmatch(text):

@@ -219,7 +219,7 @@ def _export(name: str, q: QuantisedArray) -> dict[str, np.ndarray]:
                 f"{name}.nested_absmax": np.asarray(q.scale_scales, np.float32),
                 f"{name}.nested_quant_map": np.arange(256, dtype=np.float32)}
   else:
-    decoded = np.asarray(scaling.decode_scales(q.scales, q.scale_scales), np.float32)
+    decoded = np.asarray(q.decoded_scales(), np.float32)
     tensors[f"{name}.absmax"] = np.moveaxis(decoded, q.axis, 1).reshape(-1)
   blob = np.frombuffer(json.dumps(state).encode("utf-8"), np.uint8).copy()
   tensors[f"{name}{_STATE}{quant_type}"] = blob

@@ -7,13 +7,14 @@ to back. Any safetensors reader loads these files.
 
 A `QuantisedArray` ``name`` is stored as the tensors ``name.codes`` (U32, the packed words),
 ``name.scales`` (in their storage dtype: F32, BF16, F8_E4M3, F8_E8M0, U8 or I8),
-``name.codebook`` (F32) and, when it has one, ``name.scale_scales`` (F32); the metadata key
-``jaxquant`` holds a JSON object::
+``name.codebook`` (F32) and, when it has them, ``name.scale_scales`` (F32), ``name.offsets``
+(stored like the scales) and ``name.offset_scales``; the metadata key ``jaxquant`` holds a
+JSON object::
 
     {"format_version": 1, "jaxquant_version": "0.1.0",
      "arrays": {"name": {"bits": 4, "block_size": 64, "axis": 0, "granularity": "block",
                          "shape": [512, 256], "dtype": "bfloat16",
-                         "layout": "bitstream-u32", "layout_version": 1,
+                         "layout": "bitstream-u32", "layout_version": 1, "scale_group": 256,
                          "codebook": [-1.0, -0.6961928009986877, ...]}}}
 
 which is everything needed to read the codes (`jaxquant.packing`), plus the codebook's values
@@ -35,15 +36,17 @@ import ml_dtypes
 import numpy as np
 
 import jaxquant
-from jaxquant import packing
+from jaxquant import packing, scaling
 from jaxquant.qarray import QuantisedArray
 
 __all__ = ["FORMAT_VERSION", "load", "save"]
 
 FORMAT_VERSION = 1
 _KEY = "jaxquant"
-_PARTS = ("codes", "scales", "codebook", "scale_scales")
-_STATIC = ("bits", "block_size", "axis", "granularity", "layout", "layout_version")
+_PARTS = ("codes", "scales", "codebook", "scale_scales", "offsets", "offset_scales")
+_OPTIONAL_PARTS = ("scale_scales", "offsets", "offset_scales")
+_STATIC = ("bits", "block_size", "axis", "granularity", "layout", "layout_version",
+           "scale_group")
 _DTYPES = {
     "BOOL": np.dtype(bool), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
     "U16": np.dtype(np.uint16), "I16": np.dtype(np.int16), "U32": np.dtype(np.uint32),
@@ -151,7 +154,10 @@ def _check(name: str, q: QuantisedArray) -> None:
   scales = [1] * q.ndim if q.granularity == "tensor" else list(q.shape)
   if q.granularity != "tensor":
     scales[q.axis] = q.n_blocks
-  for part, want in (("codes", codes), ("scales", scales), ("codebook", [2**q.bits])):
+  for part, want in (("codes", codes), ("scales", scales), ("codebook", [2**q.bits]),
+                     ("offsets", scales)):
+    if getattr(q, part) is None:
+      continue
     got = list(getattr(q, part).shape)
     if got != want:
       raise ValueError(f"tensor {name}.{part} has shape {got}; its metadata (shape "
@@ -186,12 +192,13 @@ def load(path) -> dict[str, Any]:
     parts = {}
     for part in _PARTS:
       key = f"{name}.{part}"
-      if key not in arrays and part != "scale_scales":
+      if key not in arrays and part not in _OPTIONAL_PARTS:
         raise ValueError(f"the file has no tensor {key!r}, which {name!r} needs")
       parts[part] = jnp.asarray(arrays.pop(key)) if key in arrays else None
-    q = QuantisedArray(**parts, shape=tuple(description["shape"]),
-                       dtype=np.dtype(jnp.dtype(description["dtype"])),
-                       **{field: description[field] for field in _STATIC})
+    static = {"scale_group": scaling.DOUBLE_QUANT_GROUP} | description  # (older files)
+    q = QuantisedArray(**parts, shape=tuple(static["shape"]),
+                       dtype=np.dtype(jnp.dtype(static["dtype"])),
+                       **{field: static[field] for field in _STATIC})
     _check(name, q)
     out[name] = q
   return out | {name: jnp.asarray(array) for name, array in arrays.items()}

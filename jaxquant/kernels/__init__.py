@@ -10,7 +10,8 @@ Backends, each with a pure-jnp definition beside it (tests compare them with "re
 - ``"pallas"``: the platform's Pallas kernel for x[M, K] @ W[K, N] (Triton on GPU,
   `pallas_gpu`; Mosaic on TPU, `pallas_tpu`; on CPU the GPU kernel in interpret mode, for
   tests). It takes contractions that are that product without moving a code: W contracted
-  on its packed axis 0 alone, no batch axes (W's other axes are flattened into N).
+  on its packed axis 0 alone, no batch axes (W's other axes are flattened into N). Block
+  offsets (minmax scaling) are added outside the kernels (`offset_product`).
 - ``"auto"``: on CPU ``"xla"``. On GPU and TPU, for a contraction the kernel takes, the
   Pallas kernel where it is the faster path, else dequantise and one dense dot. GPU: where
   the kernel beat dequantise-then-dot when measured at the nearest shape
@@ -35,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import scaling
 from jaxquant.kernels import gpu_tuning, reference, xla
 from jaxquant.kernels.dimensions import Contraction
 from jaxquant.qarray import QuantisedArray, dequantise
@@ -156,11 +156,16 @@ def as_matrix(q: QuantisedArray) -> QuantisedArray:
       codes=q.codes.reshape(q.codes.shape[0], n), scales=q.scales.reshape(q.scales.shape[0], -1),
       codebook=q.codebook, scale_scales=q.scale_scales, shape=(q.shape[0], n), dtype=q.dtype,
       axis=0, block_size=q.block_size, bits=q.bits, granularity=q.granularity,
-      layout=q.layout, layout_version=q.layout_version)
+      layout=q.layout, layout_version=q.layout_version,
+      offsets=None if q.offsets is None else q.offsets.reshape(q.offsets.shape[0], -1),
+      offset_scales=q.offset_scales, scale_group=q.scale_group)
 
 
 def qmatmul_pallas(x: jax.Array, q: QuantisedArray) -> jax.Array:
   """The platform's Pallas kernel for x[M, K] @ W[K, N] (interpret mode on CPU); float32.
+
+  An asymmetric W (block offsets o) is the kernel's product with its symmetric part plus
+  `offset_product`, so every kernel takes it unchanged.
 
   Raises:
     NotImplementedError: the kernel does not take this weight or these activations: scales
@@ -178,8 +183,21 @@ def qmatmul_pallas(x: jax.Array, q: QuantisedArray) -> jax.Array:
     from jaxquant.kernels.pallas_tpu import qmatmul_pallas_tpu as kernel  # pylint: disable=import-outside-toplevel
   else:
     from jaxquant.kernels.pallas_gpu import qmatmul_pallas_gpu as kernel  # pylint: disable=import-outside-toplevel
-  return kernel(*kernel_operands(x, q, platform), bits=q.bits, block_size=q.block_size,
-                interpret=platform == "cpu")
+  y = kernel(*kernel_operands(x, q.symmetric_part(), platform), bits=q.bits,
+             block_size=q.block_size, interpret=platform == "cpu")
+  return y if q.offsets is None else y + offset_product(x, q)
+
+
+def offset_product(x: jax.Array, q: QuantisedArray) -> jax.Array:
+  """The offsets' share of x[M, K] @ W[K, N] for W = S + O with O[k, n] = o[⌊k/B⌋, n]:
+  Σ_k x[m, k]·o[⌊k/B⌋, n] = Σ_b (Σ_{k in block b} x[m, k])·o[b, n], a dot of x's block sums
+  [M, K/B] with the offsets [K/B, N] (float32)."""
+  m, k = x.shape
+  length = q.n_blocks * q.block_size
+  sums = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, length - k)))
+  sums = jnp.sum(sums.reshape(m, q.n_blocks, q.block_size), axis=2)
+  return jnp.dot(sums, q.decoded_offsets(), precision=jax.lax.Precision.HIGHEST,
+                 preferred_element_type=jnp.float32)
 
 
 def kernel_operands(x: jax.Array, q: QuantisedArray, platform: str) -> tuple[jax.Array, ...]:
@@ -191,6 +209,6 @@ def kernel_operands(x: jax.Array, q: QuantisedArray, platform: str) -> tuple[jax
   if platform != "tpu" and q.scales.dtype == jnp.bfloat16:
     scales = q.scales
   else:
-    scales = scaling.decode_scales(q.scales, q.scale_scales)
+    scales = q.decoded_scales()
   scales = jnp.pad(scales, ((0, k_stored // q.block_size - scales.shape[0]), (0, 0)))
   return x, q.codes, scales, q.codebook

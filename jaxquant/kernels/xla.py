@@ -3,7 +3,8 @@
 The weight W is never materialised. A loop runs over slabs of W along one chosen axis: each step
 slices the packed words and scales of `rows` positions along that axis (no code is moved or
 transposed), unpacks them (`jaxquant.packing.unpack`), looks the codes up (a select tree up to 4
-bits, which vectorises; a gather above), scales them, and contracts the float slab with the
+bits, which vectorises; a gather above), scales them (and adds the block offsets of an
+asymmetric weight), and contracts the float slab with the
 activations by the caller's own dimension numbers. What the loop does with the slab's product
 follows from the role of the chosen axis in the contraction:
 
@@ -71,34 +72,41 @@ def slab_plan(q: QuantisedArray) -> tuple[int, int]:
   return q.axis, shape[q.axis]
 
 
-def slab(q: QuantisedArray, scales: jax.Array, axis: int, start, rows: int) -> jax.Array:
+def slab(q: QuantisedArray, scales: jax.Array, axis: int, start, rows: int,
+         offsets: jax.Array | None = None) -> jax.Array:
   """float32 W restricted to positions [start, start + rows) along `axis`.
 
   Along the packed axis the slab has `rows` positions when it is `axis`, else the quantised
-  length. `scales` are the decoded float32 scales; `start` may be traced.
+  length. `scales` (and for an asymmetric weight `offsets`) are decoded float32, shaped as
+  `q.scales`; `start` may be traced.
   """
   p, bits = q.axis, q.bits
   if axis == p and rows % packing.GROUP:  # the whole axis, not a multiple of 32: one slab
     codes = lax.slice_in_dim(packing.unpack(q.codes, bits, axis=p), 0, rows, axis=p)
+    cut = lambda per_block: per_block
   elif axis == p:
     words = lax.dynamic_slice_in_dim(q.codes, start * bits // packing.GROUP,
                                      rows * bits // packing.GROUP, axis=p)
     codes = packing.unpack(words, bits, axis=p)
-    if q.granularity == "block":
-      scales = lax.dynamic_slice_in_dim(scales, start // q.block_size, rows // q.block_size, p)
+    cut = lambda per_block: (lax.dynamic_slice_in_dim(
+        per_block, start // q.block_size, rows // q.block_size, p)
+        if q.granularity == "block" else per_block)
   else:
     words = lax.dynamic_slice_in_dim(q.codes, start, rows, axis=axis)
     codes = lax.slice_in_dim(packing.unpack(words, bits, axis=p), 0, quantised_length(q), axis=p)
-    if scales.shape[axis] > 1:
-      scales = lax.dynamic_slice_in_dim(scales, start, rows, axis=axis)
+    cut = lambda per_block: (lax.dynamic_slice_in_dim(per_block, start, rows, axis=axis)
+                             if per_block.shape[axis] > 1 else per_block)
   if bits <= _SELECT_TREE_MAX_BITS:
     values = select_lookup(codes, q.codebook, bits)
   else:
     values = codebook_lookup(q.codebook, codes)
   if q.granularity != "block":
-    return values * scales
-  blocks = scaling.to_blocks(values, p, q.block_size)
-  return scaling.from_blocks(blocks * jnp.expand_dims(scales, p + 1), p, values.shape[p])
+    values = values * cut(scales)
+    return values if offsets is None else values + cut(offsets)
+  blocks = scaling.to_blocks(values, p, q.block_size) * jnp.expand_dims(cut(scales), p + 1)
+  if offsets is not None:
+    blocks = blocks + jnp.expand_dims(cut(offsets), p + 1)
+  return scaling.from_blocks(blocks, p, values.shape[p])
 
 
 def dot_general_xla(x: jax.Array, q: QuantisedArray, contraction: Contraction) -> jax.Array:
@@ -107,14 +115,14 @@ def dot_general_xla(x: jax.Array, q: QuantisedArray, contraction: Contraction) -
   x_axis_of_p = contraction.x_axis_for(p)
   if x_axis_of_p is not None:
     x = _pad_to(x, x_axis_of_p, length)
-  scales = scaling.decode_scales(q.scales, q.scale_scales)
+  scales, offsets = q.decoded_scales(), q.decoded_offsets()
   axis, rows = slab_plan(q)
   extent = length if axis == p else q.shape[axis]
   count = extent // rows
   x_axis = contraction.x_axis_for(axis)
 
   def product(index):
-    tile = slab(q, scales, axis, index * rows, rows).astype(q.dtype).astype(x.dtype)
+    tile = slab(q, scales, axis, index * rows, rows, offsets).astype(q.dtype).astype(x.dtype)
     part = x if x_axis is None else lax.dynamic_slice_in_dim(x, index * rows, rows, x_axis)
     return lax.dot_general(part, tile, contraction.dimension_numbers,
                            preferred_element_type=jnp.float32)

@@ -5,7 +5,8 @@ A checkpoint is a local directory holding two entries:
 - ``arrays/``: an orbax checkpoint (`orbax.checkpoint.StandardCheckpointer`) of a plain nested
   dict of arrays with string keys. Every leaf of the saved tree sits under its path; a
   `QuantisedArray` leaf becomes a dict of its array leaves, ``codes``, ``scales``,
-  ``codebook`` and, when present, ``scale_scales``. No Python class is pickled.
+  ``codebook`` and, when present, ``scale_scales``, ``offsets`` and ``offset_scales``. No
+  Python class is pickled.
 - ``jaxquant.json``: what orbax does not store. Static metadata is not part of a pytree's
   leaves, so without this file a checkpoint could not say how its codes are packed::
 
@@ -19,7 +20,8 @@ A checkpoint is a local directory holding two entries:
           "quantised_array": {"bits": 4, "block_size": 64, "axis": 0,
                               "granularity": "block",
                               "shape": [512, 256], "dtype": "float32",
-                              "layout": "bitstream-u32", "layout_version": 1},
+                              "layout": "bitstream-u32", "layout_version": 1,
+                              "scale_group": 256},
           "arrays": {"codes": {"shape": [64, 256], "dtype": "uint32", "sha256": "…"},
                      "scales": {"shape": [8, 256], "dtype": "bfloat16", "sha256": "…"},
                      "codebook": {"shape": [16], "dtype": "float32", "sha256": "…"}}},
@@ -69,7 +71,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import jaxquant
-from jaxquant import packing
+from jaxquant import packing, scaling
 from jaxquant.qarray import QuantisedArray
 
 __all__ = ["FORMAT_VERSION", "read_metadata", "restore", "save"]
@@ -79,8 +81,8 @@ FORMAT_VERSION = 2  # 2: QuantisedArray has no format_name or scaling; codebooks
 _ARRAYS = "arrays"
 _METADATA = "jaxquant.json"
 _STATIC_FIELDS = ("bits", "block_size", "axis", "granularity",
-                  "shape", "dtype", "layout", "layout_version")
-_PARTS = ("codes", "scales", "codebook", "scale_scales")
+                  "shape", "dtype", "layout", "layout_version", "scale_group")
+_PARTS = ("codes", "scales", "codebook", "scale_scales", "offsets", "offset_scales")
 _ARRAY_KEYS = {"shape", "dtype", "sha256"}
 # PEP 440, Appendix B: a canonical public version, then an optional local version label.
 _VERSION = re.compile(r"([1-9][0-9]*!)?(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*"
@@ -295,6 +297,9 @@ def read_metadata(path) -> dict[str, Any]:
   _check_packing(path, "", metadata["packing"], written_by)
   _require(isinstance(metadata["leaves"], dict), path, "leaves is not a JSON object")
   for leaf_path, entry in metadata["leaves"].items():
+    if isinstance(entry, dict) and isinstance(entry.get("quantised_array"), dict):
+      # Written before offsets and K-type groups: every group held 256 scales.
+      entry["quantised_array"].setdefault("scale_group", scaling.DOUBLE_QUANT_GROUP)
     if isinstance(entry, dict) and "quantised_array" in entry:
       valid = (set(entry) == {"quantised_array", "arrays"}
                and isinstance(entry["quantised_array"], dict)

