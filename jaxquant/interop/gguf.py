@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxquant import packing
+from jaxquant import packing, scaling
 from jaxquant.formats import Format, int_format, parse, uint_format
 from jaxquant.qarray import QuantisedArray, padded_codebook
 
@@ -194,7 +194,8 @@ def _quantised(gguf_type: str, data: np.ndarray, shape: tuple[int, ...],
       scale_scales=optional(parts.scale_scales), shape=shape, dtype=np.dtype(np.float32),
       axis=len(shape) - 1, block_size=block_size, bits=bits, granularity="block",
       offsets=optional(parts.offsets, per_block), offset_scales=optional(parts.offset_scales),
-      scale_group=_SUPER_BLOCK // block_size if parts.scale_scales is not None else 256)
+      scale_group=(_SUPER_BLOCK // block_size if parts.scale_scales is not None
+                   else scaling.DOUBLE_QUANT_GROUP))
 
 
 def load(path, *, unsupported: str = "raise") -> dict[str, Any]:

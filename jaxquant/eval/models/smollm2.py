@@ -404,14 +404,13 @@ def load_smollm2(path=None, *, packed: bool = False, backend: str = "auto"):
   model = nnx.eval_shape(lambda: SmolLM2(config, rngs=nnx.Rngs(0)))
   for var_path, variable in nnx.to_flat_state(nnx.state(model)):
     name, transposed = gguf_name("/".join(map(str, var_path)))
-    value = jax.ShapeDtypeStruct(variable.shape, jnp.float32)
-    if not (packed and tensors[name].tensor_type.name in gguf_interop.TYPES):
-      value = dequantize(tensors[name].data, tensors[name].tensor_type).astype(np.float32)
-      value = value.T if transposed else value
+    if packed and tensors[name].tensor_type.name in gguf_interop.TYPES:
+      continue  # its layer is replaced by a packed one below
+    value = dequantize(tensors[name].data, tensors[name].tensor_type).astype(np.float32)
+    value = value.T if transposed else value
     if value.shape != variable.shape:
       raise ValueError(f"{name} has shape {value.shape}, the model expects {variable.shape}")
-    variable.set_value(value if packed and isinstance(value, jax.ShapeDtypeStruct)
-                       else jnp.asarray(value))
+    variable.set_value(jnp.asarray(value))
   if packed:
     _use_packed(model, gguf_interop.load(_path(path), unsupported="dequantise"), backend)
   return model, _tokenizer(reader, tokenizers)
