@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
   report.add_argument("--formats", nargs="+", metavar="NAME",
                       help="standard families (int-absmax, int-signmax, e2m1, nf4, sf4, "
                       "crd-normal, crd-laplace, crd-t, crd-t-signmax, lloyd-max, "
-                      "lloyd-max-signmax), variable-length ones (grid-ideal, grid-huffman, "
+                      "lloyd-max-signmax), variable-length ones (grid-ideal, grid-rans, "
                       "crd-t-outliers) or format names such as crd-t7-signmax-4b; default: "
                       "the standard families, and for smollm2 the variable-length ones too")
   report.add_argument("--bits", type=float, nargs="+", default=[3, 4], metavar="B",

@@ -514,7 +514,10 @@ def _scale_and_round(xb, codebook, inverse_reference, ceiling, offset_ceiling,
     low = scaling.block_minimum(xb, static.axis, n, per_tensor)
     _, offsets, decoded_offsets = stored_offsets(low, decoded, codebook[0], offset_ceiling,
                                                  static)
-    shifted = xb - decoded_offsets
+    # The padding of a partial last block is 0 after the shift too, so that it takes the
+    # code nearest 0, as under symmetric scaling (`jaxquant.entropy.symbols` rebuilds it).
+    real = True if per_tensor else scaling.is_real(xb, static.axis, n)
+    shifted = jnp.where(real, xb - decoded_offsets, 0.0)
   codes = nearest_codes(scaling.divide(shifted, decoded), codebook, static.ties_to_even)
   lost = decoded == 0 if offsets is None else (decoded == 0) & (decoded_offsets == 0)
   return (stored, codes, exact, jnp.all(jnp.isfinite(statistic)), jnp.any(lost),

@@ -96,7 +96,7 @@ def from_blocks(xb: jax.Array, axis: int, n: int) -> jax.Array:
   return jax.lax.slice_in_dim(x, 0, n, axis=axis)
 
 
-def _is_real(xb: jax.Array, axis: int, n: int) -> jax.Array:
+def is_real(xb: jax.Array, axis: int, n: int) -> jax.Array:
   """Which positions of `to_blocks(x, axis, ·)` hold x's elements (not padding)."""
   n_blocks, block_size = xb.shape[axis], xb.shape[axis + 1]
   position = np.arange(n_blocks)[:, None] * block_size + np.arange(block_size)[None, :]
@@ -108,7 +108,7 @@ def _is_real(xb: jax.Array, axis: int, n: int) -> jax.Array:
 def _real_range(xb: jax.Array, axis: int, n: int, per_tensor: bool):
   """(min, max) of each block's real elements (size-1 block axis; everything `per_tensor`)."""
   reduce_axes = tuple(range(xb.ndim)) if per_tensor else (axis + 1,)
-  real = True if per_tensor else _is_real(xb, axis, n)
+  real = True if per_tensor else is_real(xb, axis, n)
   low = jnp.min(jnp.where(real, xb, jnp.inf), axis=reduce_axes, keepdims=True)
   high = jnp.max(jnp.where(real, xb, -jnp.inf), axis=reduce_axes, keepdims=True)
   return low, high

@@ -1,5 +1,5 @@
 """Numpy references for the entropy tests: logical codes, scale bits, the ideal coded rate and
-the framed payload."""
+rANS in Python integers."""
 
 import struct
 import zlib
@@ -25,7 +25,8 @@ def n_values(q):
 
 
 def scale_bits(q):
-  leaves = [q.scales] + ([] if q.scale_scales is None else [q.scale_scales])
+  leaves = [leaf for leaf in (q.scales, q.scale_scales, q.offsets, q.offset_scales)
+            if leaf is not None]
   return sum(8 * np.asarray(leaf).nbytes for leaf in leaves)
 
 
@@ -40,21 +41,52 @@ def ideal_rate(q, n_symbols=None):
   return (-np.sum(np.log2(p[codes])) + scale_bits(q)) / codes.size
 
 
-# The payload's chunks of the Huffman stream, one CRC-32 each (`jaxquant.entropy.framing`).
-CHUNK_BYTES = 8192
+# rANS as `jaxquant.entropy.rans` documents it: a 64-bit state in [L, 2^64), L = 2^32, 32-bit
+# words, probabilities f(s)/2^n; each chunk coded from x = L, its stream the final state (high
+# word first) and then the words in the order the decoder reads them.
+STATE_LOW = 2**32
 
 
-def framed_payload(stream, lengths, shape):
-  """stream ‖ CRC-32 per 8192-byte chunk ‖ len(stream) ‖ CRC-32(lengths ‖ shape ‖ len(stream)).
+def rans_chunk(symbols, frequencies, precision):
+  """The words of one chunk, by the recurrences in Python integers."""
+  frequencies = [int(f) for f in frequencies]
+  cumulative = np.concatenate([[0], np.cumsum(frequencies)]).tolist()
+  x, emitted = STATE_LOW, []
+  for s in reversed([int(s) for s in symbols]):
+    f = frequencies[s]
+    if x >= f << (64 - precision):
+      emitted.append(x & 0xFFFFFFFF)
+      x >>= 32
+    x = ((x // f) << precision) + x % f + cumulative[s]
+  return [x >> 32, x & 0xFFFFFFFF] + emitted[::-1]
 
-  Built with `struct` and `zlib` from the documented layout (integers big-endian: CRCs 4
-  bytes, lengths 8; one byte per code length, 8 per axis of the shape).
-  """
-  crcs = b"".join(struct.pack(">I", zlib.crc32(stream[start:start + CHUNK_BYTES]))
-                  for start in range(0, len(stream), CHUNK_BYTES))
-  length = struct.pack(">Q", len(stream))
-  context = bytes(int(n) for n in lengths) + struct.pack(f">{len(shape)}Q", *shape) + length
-  return stream + crcs + length + struct.pack(">I", zlib.crc32(context))
+
+def rans_unchunk(words, count, frequencies, precision):
+  """`count` symbols decoded from one chunk's words; asserts it ends at L with all words read."""
+  frequencies = [int(f) for f in frequencies]
+  cumulative = np.concatenate([[0], np.cumsum(frequencies)]).tolist()
+  symbol_of = np.repeat(np.arange(len(frequencies)), frequencies).tolist()
+  words = [int(w) for w in words]
+  x, position, out = (words[0] << 32) | words[1], 2, []
+  for _ in range(count):
+    slot = x & ((1 << precision) - 1)
+    s = symbol_of[slot]
+    out.append(s)
+    x = frequencies[s] * (x >> precision) + slot - cumulative[s]
+    if x < STATE_LOW:
+      x = (x << 32) | words[position]
+      position += 1
+  assert x == STATE_LOW and position == len(words)
+  return out
+
+
+def chunk_crcs(chunks, frequencies, size, chunk_size, precision):
+  """CRC-32 of each chunk's little-endian words, seeded with CRC-32(frequencies ‖ N, C, n)
+  and then the chunk's index (big-endian uint64s)."""
+  context = zlib.crc32(np.asarray(frequencies, "<u2").tobytes()
+                       + struct.pack(">QQQ", size, chunk_size, precision))
+  return [zlib.crc32(np.asarray(words, "<u4").tobytes(), zlib.crc32(struct.pack(">Q", j), context))
+          for j, words in enumerate(chunks)]
 
 
 # A weight [K, N] with K = 200 (not a multiple of the block size 64), blocked along K.

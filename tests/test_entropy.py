@@ -1,22 +1,26 @@
-"""Entropy coding: ideal bits, canonical Huffman, compressed storage and its sizes."""
+"""Entropy coding: ideal bits, the chunked rANS codec, compressed storage and its sizes."""
 
 import dataclasses
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from entropy_reference import CHUNK_BYTES as _CHUNK_BYTES
 from entropy_reference import WEIGHT_SHAPE as _WEIGHT_SHAPE
-from entropy_reference import framed_payload as _framed_payload
+from entropy_reference import chunk_crcs as _chunk_crcs
 from entropy_reference import ideal_rate as _ideal_rate
 from entropy_reference import logical_codes as _logical_codes
 from entropy_reference import n_values as _n_values
+from entropy_reference import rans_chunk as _rans_chunk
+from entropy_reference import rans_unchunk as _rans_unchunk
 from entropy_reference import scale_bits as _scale_bits
 from entropy_reference import student_t as _student_t
 
 import jaxquant as jq
 from jaxquant import entropy
+from jaxquant.entropy import rans
 from jaxquant.fitting import fit_grid
 
 
@@ -25,52 +29,170 @@ def _skewed(rng, n_symbols, size):
   return rng.choice(n_symbols, size=size, p=p)
 
 
-@pytest.mark.parametrize("n_symbols", [1, 2, 7, 64, 256])
-def test_huffman_round_trip(n_symbols):
-  rng = np.random.default_rng(n_symbols)
-  codes = _skewed(rng, n_symbols, 20_000)
-  code = entropy.HuffmanCode.from_counts(np.bincount(codes, minlength=n_symbols))
-  data = code.encode(codes)
-  assert len(data) == -(-code.encoded_bits(codes) // 8)
-  np.testing.assert_array_equal(code.decode(data, codes.size), codes)
-  assert code.table_bits == entropy.LENGTH_FIELD_BITS * n_symbols
+def _chunks(stream):
+  starts = np.concatenate([[0], stream.ends]).astype(np.int64)
+  return [stream.words[a:b] for a, b in zip(starts, starts[1:])]
 
 
-def test_huffman_single_present_symbol_and_deterministic():
-  codes = np.full(1000, 3)
-  code = entropy.HuffmanCode.from_counts(np.bincount(codes, minlength=10))
-  assert code.lengths.tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
-  np.testing.assert_array_equal(code.decode(code.encode(codes), codes.size), codes)
-  # Ties break by symbol, then merge order: the lengths and canonical codewords are fixed.
-  tied = entropy.HuffmanCode.from_counts([5, 5, 5, 5, 1, 1])
-  assert tied.lengths.tolist() == [3, 2, 2, 2, 4, 4]
-  expected = "00011011011101111"  # codewords 00 01 10 110 1110 1111 of symbols 1, 2, 3, 0, 4, 5
-  assert np.unpackbits(np.frombuffer(tied.encode([1, 2, 3, 0, 4, 5]), np.uint8))[:17].tolist() == [
-      int(bit) for bit in expected]
-  with pytest.raises(ValueError, match="no codeword"):
-    code.encode([0])
-  with pytest.raises(ValueError, match="fewer than"):
-    code.decode(code.encode(codes[:8]), 9)
+def _check_stream(symbols, n_symbols, **options):
+  """encode/decode round trip, and every chunk's words and CRC those of the Python reference."""
+  symbols = np.asarray(symbols).reshape(-1)
+  stream = rans.encode(symbols, n_symbols, **options)
+  decoded = rans.decode(stream)
+  assert decoded.dtype == (np.uint8 if n_symbols <= 256 else np.uint16)
+  np.testing.assert_array_equal(decoded, symbols)
+  chunk = stream.chunk_size
+  pieces = [symbols[i:i + chunk] for i in range(0, symbols.size, chunk)]
+  chunks = _chunks(stream)
+  assert len(chunks) == len(pieces) == stream.n_chunks
+  for piece, words in zip(pieces, chunks):
+    assert words.tolist() == _rans_chunk(piece, stream.frequencies, stream.precision)
+    assert _rans_unchunk(words, piece.size, stream.frequencies, stream.precision) == piece.tolist()
+  assert stream.crcs.tolist() == _chunk_crcs(chunks, stream.frequencies, symbols.size, chunk,
+                                             stream.precision)
+  assert stream.storage_bits == 32 * stream.words.size + 96 * stream.n_chunks + 16 * n_symbols
+  return stream
 
 
-def test_huffman_length_limit():
-  counts = np.array([1, 1] + [int(1.7**k) for k in range(2, 60)])  # Fibonacci-like: deep tree
-  code = entropy.HuffmanCode.from_counts(counts)
-  assert code.lengths.max() <= entropy.MAX_CODE_LENGTH
-  codes = np.arange(counts.size)
-  np.testing.assert_array_equal(code.decode(code.encode(codes), codes.size), codes)
+_STREAMS = {
+    "random-16": lambda rng: (rng.integers(0, 16, 5000), 16),
+    "constant": lambda rng: (np.full(3000, 5), 9),
+    "two-symbol": lambda rng: (rng.choice(2, 4000, p=[0.999, 0.001]), 2),
+    "skewed-256": lambda rng: (_skewed(rng, 256, 6000), 256),
+    "wide-alphabet": lambda rng: (rng.integers(0, 3000, 4000), 5000),
+    "lone-rare-symbol": lambda rng: (np.eye(1, 4000, 1234, dtype=np.int64)[0], 2),
+}
 
 
-def test_huffman_near_entropy_on_smooth_distribution():
+@pytest.mark.parametrize("name", sorted(_STREAMS))
+def test_rans_round_trip_matches_the_reference(name):
+  symbols, n_symbols = _STREAMS[name](np.random.default_rng(len(name)))
+  _check_stream(symbols, n_symbols, chunk_size=1024)
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 129, 3 * 128, 3 * 128 + 1])
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_rans_every_chunk_edge(size, threads):
+  symbols = np.random.default_rng(size).integers(0, 7, size)
+  stream = _check_stream(symbols, 7, chunk_size=128, threads=threads)
+  assert stream.n_chunks == math.ceil(size / 128)
+
+
+def test_rans_chunks_of_one_symbol_and_every_precision():
+  symbols = np.random.default_rng(3).integers(0, 3, 40)
+  _check_stream(symbols, 3, chunk_size=1)
+  for precision in (2, 5, 12, 15):
+    _check_stream(symbols, 3, chunk_size=16, precision=precision)
+
+
+def test_quantised_frequencies_are_optimal():
+  # Against every allocation of the 2^n units with f ≥ 1 exactly on the present symbols.
   rng = np.random.default_rng(0)
-  codes = np.clip(np.round(rng.standard_normal(10**6) * 20 + 128), 0, 255).astype(np.int64)
-  counts = np.bincount(codes, minlength=256)
-  code = entropy.HuffmanCode.from_counts(counts)
-  p = counts[counts > 0] / codes.size
-  entropy_bits = -codes.size * np.sum(p * np.log2(p))
-  payload = code.encoded_bits(codes)
-  assert entropy_bits <= payload <= 1.01 * entropy_bits
-  np.testing.assert_array_equal(code.decode(code.encode(codes), codes.size), codes)
+  for counts in ([5, 0, 1, 30], [1, 1, 1, 1], [100, 1, 0, 1], rng.integers(0, 50, 5)):
+    counts = np.asarray(counts)
+    present = np.flatnonzero(counts)
+    total = 16
+    best = min((c for c in itertools.product(range(1, total + 1), repeat=present.size)
+                if sum(c) == total),
+               key=lambda c: -np.sum(counts[present] * np.log2(np.asarray(c) / total)))
+    f = rans.quantised_frequencies(counts, 4)
+    assert f.sum() == total and np.all((f > 0) == (counts > 0))
+    cost = lambda f: -np.sum(counts[present] * np.log2(np.asarray(f)[present] / total))
+    optimum = np.zeros(counts.size)
+    optimum[present] = best
+    np.testing.assert_allclose(cost(f), cost(optimum), rtol=1e-12)
+  with pytest.raises(ValueError, match=r"more than the 2\^2 units"):
+    rans.quantised_frequencies([1] * 5, 2)
+  with pytest.raises(ValueError, match="at least one of them positive"):
+    rans.quantised_frequencies([0, 0], 4)
+  with pytest.raises(ValueError, match="precision=16"):
+    rans.quantised_frequencies([1], 16)
+
+
+@pytest.mark.parametrize("n_symbols", [16, 255])
+def test_rans_within_half_a_percent_of_the_ideal_rate(n_symbols):
+  # The Normal's codes on a uniform grid of n_symbols points spanning ±4 sigma.
+  rng = np.random.default_rng(n_symbols)
+  x = rng.standard_normal(2**20)
+  symbols = np.clip(np.round((x + 4) / 8 * (n_symbols - 1)), 0, n_symbols - 1).astype(np.int64)
+  stream = rans.encode(symbols, n_symbols)
+  ideal = entropy.ideal_bits(symbols, n_symbols)
+  assert ideal <= stream.storage_bits <= 1.005 * ideal
+
+
+def test_rans_refuses_bad_input():
+  with pytest.raises(ValueError, match="symbols must lie in 0..3"):
+    rans.encode([0, 4], 4)
+  with pytest.raises(TypeError, match="symbols must be integers"):
+    rans.encode([0.5], 4)
+  with pytest.raises(ValueError, match="n_symbols=0"):
+    rans.encode([0], 0)
+  with pytest.raises(ValueError, match="chunk_size=0"):
+    rans.encode([0], 1, chunk_size=0)
+  with pytest.raises(TypeError, match="stream must be a CodedStream"):
+    rans.decode(b"")
+
+
+@pytest.fixture(scope="module")
+def five_chunks():
+  symbols = _skewed(np.random.default_rng(5), 16, 4 * 1000 + 500)
+  return symbols, rans.encode(symbols, 16, chunk_size=1000)
+
+
+def _tampered(stream, **arrays):
+  """`stream` with arrays replaced, its frozen fields bypassed (as a corrupt file would be)."""
+  tampered = dataclasses.replace(stream)
+  for name, array in arrays.items():
+    object.__setattr__(tampered, name, array)
+  return tampered
+
+
+@pytest.mark.parametrize("chunk", [0, 2, 4])
+def test_rans_refuses_a_flipped_bit_in_any_chunk(five_chunks, chunk):
+  symbols, stream = five_chunks
+  words = np.array(stream.words)
+  start = 0 if chunk == 0 else int(stream.ends[chunk - 1])
+  for word in (start, start + 1, int(stream.ends[chunk]) - 1):  # state, first and last word
+    flipped = words.copy()
+    flipped[word] ^= np.uint32(1 << 17)
+    with pytest.raises(ValueError, match=rf"chunk {chunk} of chunks 0\.\.4 \(1000 symbols "
+                       r"each\) fail their CRC-32"):
+      rans.decode(_tampered(stream, words=flipped))
+  np.testing.assert_array_equal(rans.decode(stream), symbols)
+
+
+def test_rans_refuses_moved_truncated_and_reframed_chunks(five_chunks):
+  symbols, stream = five_chunks
+  chunks = _chunks(stream)
+  swapped = np.concatenate([chunks[1], chunks[0], *chunks[2:]])
+  ends = np.cumsum([chunks[1].size, chunks[0].size] + [c.size for c in chunks[2:]])
+  with pytest.raises(ValueError, match="chunks 0, 1 of"):
+    rans.decode(_tampered(stream, words=swapped, ends=ends.astype(np.uint64)))
+  with pytest.raises(ValueError, match="chunk 4 of"):
+    rans.decode(_tampered(stream, words=stream.words[:-1]))
+  # Another model or length: every chunk's context differs.
+  other = np.array(stream.frequencies)
+  other[0], other[1] = other[0] + 1, other[1] - 1
+  with pytest.raises(ValueError, match="chunks 0, 1, 2, 3, 4 of"):
+    rans.decode(_tampered(stream, frequencies=other))
+  with pytest.raises(ValueError, match="1000 symbols in chunks"):
+    dataclasses.replace(stream, size=1000)
+
+
+def test_rans_decoder_checks_its_final_state(five_chunks):
+  # A flipped bit whose CRCs were recomputed (corruption before the checks were taken) still
+  # fails the decoder's own check: chunk 3 no longer ends in the state it started from.
+  symbols, stream = five_chunks
+  chunks = _chunks(stream)
+  chunks[3] = chunks[3].copy()
+  chunks[3][chunks[3].size // 2] ^= np.uint32(1 << 5)
+  words = np.concatenate(chunks)
+  ends = np.cumsum([c.size for c in chunks]).astype(np.uint64)
+  crcs = np.asarray(_chunk_crcs(chunks, stream.frequencies, stream.size, 1000, stream.precision),
+                    np.uint32)
+  forged = dataclasses.replace(stream, words=words, ends=ends, crcs=crcs)
+  with pytest.raises(ValueError, match="chunk 3 of .* does not decode to its initial state"):
+    rans.decode(forged)
 
 
 def test_ideal_bits_matches_direct_computation():
@@ -104,24 +226,19 @@ def _check_compressed(q):
   decoded = compressed.decompress()
   _assert_identical(decoded, q)
   np.testing.assert_array_equal(np.asarray(decoded.dequantise()), np.asarray(q.dequantise()))
-  # The payload is the Huffman stream in whole bytes and its CRC-32 checks; the storage is the
-  # payload + 5-bit code lengths, one per value of the format (the codebook's padding to
-  # 2**bits entries is no symbol) + the scales as stored.
+  # The stream codes the logical codes over the format's values (the codebook's padding to
+  # 2**bits entries is no symbol); the storage is the stream + the scales as stored.
   codes = _logical_codes(q).reshape(-1)
-  n_symbols = _n_values(q)
-  code = entropy.HuffmanCode.from_counts(np.bincount(codes, minlength=n_symbols))
-  stream = code.encode(codes)
-  assert len(stream) == -(-int(np.sum(code.lengths[codes])) // 8)
-  payload = _framed_payload(stream, code.lengths, q.shape)
-  assert compressed.payload == payload
-  expected = 8 * len(payload) + 5 * n_symbols + _scale_bits(q)
+  stream = compressed.stream
+  assert stream.n_symbols == _n_values(q)
+  np.testing.assert_array_equal(rans.decode(stream), codes)
   assert compressed.scale_bits == _scale_bits(q)
-  assert compressed.storage_bits == expected
-  assert compressed.bits_per_param == expected / codes.size
+  assert compressed.storage_bits == stream.storage_bits + _scale_bits(q)
+  assert compressed.bits_per_param == compressed.storage_bits / codes.size
   assert compressed.fixed_bits_per_param == q.bits_per_param == decoded.bits_per_param
   np.testing.assert_allclose(compressed.ideal_bits_per_param, _ideal_rate(q), rtol=1e-12)
   size = entropy.coded_size(q)
-  assert size["huffman_bits_per_param"] == compressed.bits_per_param
+  assert size["rans_bits_per_param"] == compressed.bits_per_param
   assert size["fixed_bits_per_param"] == q.bits_per_param
   np.testing.assert_allclose(size["ideal_bits_per_param"], _ideal_rate(q), rtol=1e-12)
   assert f"bits_per_param={compressed.bits_per_param:.4f}" in repr(compressed)
@@ -151,6 +268,10 @@ _ROUND_TRIPS = {
         x, 2.5, scaling="absmax")[1]),
     "fit-grid-block32-rms": ((40, 200), lambda x: fit_grid(
         x, 3.5, scaling="rms", block_size=32)[1]),
+    "uint4-minmax-block32-axis0": ((70, 30), lambda x: jq.QuantSpec("uint4", block_size=32,
+                                                                     axis=0)),
+    "uint3-minmax-double-quant": ((64, 40), lambda x: jq.QuantSpec(
+        "uint3", block_size=16, axis=0, double_quant=True)),
 }
 
 
@@ -183,7 +304,9 @@ def test_compressed_arrays_are_read_only():
   with pytest.raises(TypeError):
     compressed.metadata["axis"] = 0
   with pytest.raises(dataclasses.FrozenInstanceError):
-    compressed.payload = b""
+    compressed.stream = None
+  with pytest.raises(ValueError, match="read-only"):
+    compressed.stream.words[0] = 0
 
 
 def test_decompressed_array_runs_qmatmul():
@@ -206,7 +329,7 @@ def test_codebook_padding_costs_nothing():
   codebook = np.asarray(q.codebook)
   assert codebook.shape == (8,) and codebook[7] == codebook[6] and _n_values(q) == 7
   compressed = entropy.compress(q)
-  assert compressed.code.n_symbols == 7 and compressed.code.table_bits == 5 * 7
+  assert compressed.stream.n_symbols == 7 and compressed.stream.frequencies.size == 7
   # The ideal rate smooths over the 7 values; an 8th, never-occurring symbol would cost more.
   size = entropy.coded_size(q)
   np.testing.assert_allclose(size["ideal_bits_per_param"], _ideal_rate(q, 7), rtol=1e-12)
@@ -220,102 +343,3 @@ def test_codebook_padding_costs_nothing():
     entropy.compress(tampered)
   with pytest.raises(ValueError, match="codebook's padding"):
     entropy.coded_size(tampered)
-
-
-@pytest.fixture(scope="module")
-def multi_chunk():
-  """(q, compress(q), its stream length): a payload of 5 chunks, the last one partial."""
-  q = jq.quantise(_student_t((300, 256)), jq.QuantSpec("nf4", block_size=64, axis=0))
-  compressed = entropy.compress(q)
-  stream_bytes = int.from_bytes(compressed.payload[-12:-4], "big")  # The footer's length field.
-  assert compressed.payload == _framed_payload(compressed.payload[:stream_bytes],
-                                               compressed.code.lengths, q.shape)
-  assert -(-stream_bytes // _CHUNK_BYTES) == 5 and stream_bytes % _CHUNK_BYTES
-  return q, compressed, stream_bytes
-
-
-def _refused(compressed, payload, message):
-  """A payload is refused when the array is built, and by `decompress` on an array whose
-  payload changed after it was built (the frozen dataclass bypassed)."""
-  with pytest.raises(ValueError, match=message):
-    dataclasses.replace(compressed, payload=payload)
-  tampered = dataclasses.replace(compressed)
-  object.__setattr__(tampered, "payload", payload)
-  with pytest.raises(ValueError, match=message):
-    tampered.decompress()
-
-
-# Flipped bits as (payload byte, bit) pairs, from the stream's and the payload's lengths, and
-# the chunks the message must name (or "length"/"context": the footer's field that is hit).
-_FLIPS = {
-    "stream-start": (lambda stream, total: [(0, 7)], [0]),
-    "middle-of-chunk-2": (lambda stream, total: [(2 * _CHUNK_BYTES + 4000, 3)], [2]),
-    "last-stream-byte": (lambda stream, total: [(stream - 1, 0)], [4]),
-    "two-chunks": (lambda stream, total: [(_CHUNK_BYTES + 17, 1), (3 * _CHUNK_BYTES + 5, 6)],
-                   [1, 3]),
-    "crc-of-chunk-3": (lambda stream, total: [(stream + 4 * 3 + 2, 4)], [3]),
-    "length-field": (lambda stream, total: [(total - 12 + 7, 0)], "length"),
-    "context-crc": (lambda stream, total: [(total - 1, 5)], "context"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(_FLIPS))
-def test_decompress_refuses_a_payload_with_flipped_bits(multi_chunk, name):
-  q, compressed, stream_bytes = multi_chunk
-  flips, expected = _FLIPS[name]
-  payload = bytearray(compressed.payload)
-  for byte, bit in flips(stream_bytes, len(payload)):
-    payload[byte] ^= 1 << bit
-  payload = bytes(payload)
-  if name == "middle-of-chunk-2":  # Unchecked, the flip decodes to other codes without a word.
-    decoded = compressed.code.decode(payload[:stream_bytes], q.size)
-    assert np.any(decoded != _logical_codes(q).reshape(-1))
-  if expected == "length":
-    message = "its footer records a .*-byte stream.*truncated or extended, or its length field"
-  elif expected == "context":
-    message = r"context CRC-32 does not match its code lengths and shape \(300, 256\)"
-  else:
-    chunks = ", ".join(map(str, expected))
-    start = expected[0] * _CHUNK_BYTES
-    end = min(start + _CHUNK_BYTES, stream_bytes) - 1
-    message = (rf"the payload is corrupt: chunks? {chunks} of chunks 0\.\.4 \(8192 stream bytes "
-               rf"each\) fails? CRC-32; chunk {expected[0]} spans stream bytes {start}\.\.{end}$")
-  _refused(compressed, payload, message)
-
-
-@pytest.mark.parametrize("change", ["drop-1", "drop-footer-and-more", "keep-5", "empty", "append-1",
-                                    "append-a-copy-of-the-footer"])
-def test_decompress_refuses_a_truncated_or_extended_payload(multi_chunk, change):
-  _, compressed, _ = multi_chunk
-  payload = compressed.payload
-  payload = {"drop-1": payload[:-1], "drop-footer-and-more": payload[:-20], "keep-5": payload[:5],
-             "empty": b"", "append-1": payload + b"\0",
-             "append-a-copy-of-the-footer": payload + payload[-12:]}[change]
-  message = (f"the payload is {len(payload)} bytes, shorter than its 12-byte footer"
-             if len(payload) < 12 else
-             f"the payload is {len(payload)} bytes, but its footer records a .*truncated or "
-             "extended")
-  _refused(compressed, payload, message)
-
-
-def test_decompress_refuses_a_reframed_stream_too_short_for_the_shape(multi_chunk):
-  """A shorter stream framed with valid checks is refused by the decoder, not read short."""
-  q, compressed, stream_bytes = multi_chunk
-  short = _framed_payload(compressed.payload[:stream_bytes - 100], compressed.code.lengths,
-                          q.shape)
-  with pytest.raises(ValueError, match=f"fewer than n={q.size} codewords"):
-    dataclasses.replace(compressed, payload=short).decompress()
-
-
-def test_a_payload_is_refused_with_another_code_or_shape(multi_chunk):
-  q, compressed, _ = multi_chunk
-  other = entropy.compress(jq.quantise(_student_t((300, 256), seed=3) ** 3,
-                                       jq.QuantSpec("nf4", block_size=64, axis=0)))
-  assert other.code.n_symbols == compressed.code.n_symbols
-  assert not np.array_equal(other.code.lengths, compressed.code.lengths)
-  message = "context CRC-32 does not match its code lengths and shape"
-  with pytest.raises(ValueError, match=message):
-    dataclasses.replace(compressed, code=other.code)
-  with pytest.raises(ValueError, match=rf"{message} \(256, 300\)"):
-    dataclasses.replace(compressed, metadata={**compressed.metadata, "shape": (256, 300)})
-  _assert_identical(dataclasses.replace(compressed).decompress(), q)

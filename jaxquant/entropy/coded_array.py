@@ -1,6 +1,6 @@
-"""`EntropyCodedArray`: a `QuantisedArray` with Huffman-coded codes, and `compress`/`decompress`.
+"""`EntropyCodedArray`: a `QuantisedArray` with rANS-coded codes; `compress`, `coded_size`.
 
-This is storage, not the hot path: the coding runs in numpy on host arrays.
+This is storage, not the hot path: the coding runs on host arrays (`jaxquant.entropy.rans`).
 """
 
 from __future__ import annotations
@@ -15,74 +15,78 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import packing
-from jaxquant.entropy import framing, sizes, symbols
-from jaxquant.entropy.huffman import HuffmanCode
+from jaxquant.entropy import rans, sizes, symbols
 from jaxquant.qarray import QuantisedArray
 
-# The array leaves of a `QuantisedArray`; its other fields are static metadata.
-_ARRAY_FIELDS = ("codes", "scales", "codebook", "scale_scales", "offsets", "offset_scales")
+# The array leaves of a `QuantisedArray` kept as stored; its codes are coded, its other
+# fields are static metadata.
+STORED_FIELDS = ("scales", "codebook", "scale_scales", "offsets", "offset_scales")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EntropyCodedArray:
-  """A `QuantisedArray` whose codes are Huffman-coded: compressed host storage.
+  """A `QuantisedArray` whose codes are rANS-coded: compressed host storage.
 
   Orr et al. 2025 (§1; the `CompressedLUTFormat`): variable-length codes for the grid indices
   beat fixed-length ones. The codes, unpacked in logical order (C order over `shape`, the
-  padding along `axis` excluded), are Huffman-coded with the code of their own histogram
-  (`HuffmanCode.from_counts`) over the format's K values; scales, second-level scales and
-  codebook are kept as stored. `decompress` rebuilds the packed, fixed-length `QuantisedArray`
-  bit for bit, for `qmatmul`: compressed storage and fast inference coexist.
+  padding along `axis` excluded), are coded in independent checked chunks with the model of
+  their own histogram over the format's K values (`jaxquant.entropy.rans`); scales,
+  second-level scales, offsets and codebook are kept as stored. `decompress` rebuilds the
+  packed, fixed-length `QuantisedArray` bit for bit, for `qmatmul`: compressed storage and
+  fast inference coexist.
 
-  The payload carries CRC-32 checks (`jaxquant.entropy.framing`: one per 8192-byte chunk of
-  the Huffman stream, its length and one over the code lengths and shape), verified when the
-  array is built and again before every decode: a flipped bit, a truncated or extended
-  payload, or a payload paired with another code or shape raises instead of decoding to other
-  codes. The checks cover what decodes the codes; the scales, codebook and other metadata
-  are held as given, as in a `QuantisedArray`.
+  Every chunk's CRC-32 is verified when the array is built and again when it is decoded: a
+  flipped bit, a truncated or moved chunk, or a stream paired with another model or length
+  raises instead of decoding to other codes. The checks cover what decodes the codes; the
+  scales, codebook and other metadata are held as given, as in a `QuantisedArray`.
 
-  Storage: 8·len(payload) + `LENGTH_FIELD_BITS`·K (the code table) + scale bits
-  (+ second-level scale bits), the checks included: 32·⌈S/8192⌉ + 96 bits for an S-byte
-  stream, about 1/2048 of its bits. K is read off the codebook (`symbols.alphabet_size`): its
-  padding to 2**bits entries gets no table entry. The codebook is not counted, as in
-  `QuantisedArray.storage_bits`.
+  Storage: `stream.storage_bits` (words, chunk end offsets, CRCs, frequency table) + the bits
+  of the stored scales, second-level scales and offsets. The codebook is not counted, as in
+  `QuantisedArray.storage_bits`; K is read off it (`symbols.alphabet_size`).
 
   Attributes:
-    payload: the codewords of the codes, MSB-first, zero-padded to whole bytes, then their
-      checks (`jaxquant.entropy.framing`).
-    code: the `HuffmanCode` over the format's K symbols.
-    scales: the stored scales (numpy, their storage dtype).
-    scale_scales: the stored second-level scales, or None.
+    stream: the `jaxquant.entropy.rans.CodedStream` of the codes.
+    scales, scale_scales, offsets, offset_scales: as stored in the `QuantisedArray` (numpy,
+      their storage dtypes; None when absent).
     codebook: the float32 codebook, padded to 2**bits entries as in the `QuantisedArray`.
     metadata: the `QuantisedArray`'s static fields (shape, dtype, axis, block_size, bits,
-      granularity, layout, layout_version), read-only.
+      granularity, layout, layout_version, scale_group), read-only.
 
   Raises:
-    ValueError: the payload fails its checks (`jaxquant.entropy.framing.verified_stream`
-      says how: truncated or extended, another code's or shape's, or which chunk is corrupt).
+    ValueError: the stream's length or alphabet disagrees with the shape or codebook, or a
+      chunk fails its check.
   """
 
-  payload: bytes
-  code: HuffmanCode
+  stream: rans.CodedStream
   scales: np.ndarray
-  scale_scales: np.ndarray | None
   codebook: np.ndarray
   metadata: Mapping[str, Any]
+  scale_scales: np.ndarray | None = None
+  offsets: np.ndarray | None = None
+  offset_scales: np.ndarray | None = None
 
   def __post_init__(self):
-    for name in ("scales", "scale_scales", "codebook"):
+    for name in STORED_FIELDS:
       leaf = getattr(self, name)
       if leaf is not None:
         leaf = np.array(leaf)  # a private copy, frozen like the dataclass
         leaf.setflags(write=False)
         object.__setattr__(self, name, leaf)
-    object.__setattr__(self, "payload", bytes(self.payload))
     object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
-    framing.verified_stream(self.payload, self.code, self.shape)
+    if not isinstance(self.stream, rans.CodedStream):
+      raise TypeError(f"stream must be a CodedStream, got {type(self.stream).__name__}")
+    n_symbols = symbols.alphabet_size(self.codebook)
+    if self.stream.size != self.size or self.stream.n_symbols != n_symbols:
+      raise ValueError(f"the stream holds {self.stream.size} codes over {self.stream.n_symbols} "
+                       f"symbols, but the array has shape {self.shape} ({self.size} codes) "
+                       f"and its codebook {n_symbols} values")
+    corrupt = self.stream.corrupt_chunks()
+    if corrupt:
+      raise rans.corruption(self.stream, corrupt)
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return self.metadata["shape"]
+    return tuple(self.metadata["shape"])
 
   @property
   def size(self) -> int:
@@ -90,14 +94,14 @@ class EntropyCodedArray:
 
   @property
   def scale_bits(self) -> int:
-    """Bits of the stored scales and second-level scales, as in `QuantisedArray.storage_bits`."""
-    return sizes.scale_bits(self.scales, self.scale_scales)
+    """Bits of the stored scales, second-level scales and offsets."""
+    return sizes.scale_bits(self.scales, self.scale_scales, self.offsets, self.offset_scales)
 
   @property
   def storage_bits(self) -> int:
-    """8·len(payload) (checks included) + code table + scale bits (+ second level); the
-    codebook is not counted."""
-    return sizes.huffman_bits(len(self.payload), self.code, self.scale_bits)
+    """The coded stream's bits (checks and table included) + the scale bits; the codebook is
+    not counted."""
+    return self.stream.storage_bits + self.scale_bits
 
   @property
   def bits_per_param(self) -> float:
@@ -118,26 +122,28 @@ class EntropyCodedArray:
   @property
   def ideal_bits_per_param(self) -> float:
     """(-Σ log2 p̂(cᵢ) + S)/N: the ideal coder's rate with the same scales (decodes the codes)."""
-    return sizes.histogram_rate(symbols.symbol_counts(self._codes(), self.codebook),
+    return sizes.histogram_rate(symbols.symbol_counts(self.codes(), self.codebook),
                                 self.scale_bits)
 
-  def _codes(self) -> np.ndarray:
-    """The logical codes, decoded once the payload passes its checks."""
-    stream = framing.verified_stream(self.payload, self.code, self.shape)
-    return self.code.decode(stream, self.size).reshape(self.shape)
+  def codes(self, threads: int | None = None) -> np.ndarray:
+    """The logical codes (shape `shape`), decoded once every chunk checks."""
+    return rans.decode(self.stream, threads=threads).reshape(self.shape)
 
-  def decompress(self) -> QuantisedArray:
+  def decompress(self, threads: int | None = None) -> QuantisedArray:
     """The `QuantisedArray` that was compressed, bit for bit (codes, scales, codebook, metadata).
 
+    Args:
+      threads: decoding threads (default: the CPUs this process may use).
+
     Raises:
-      ValueError: the payload fails its checks (see `EntropyCodedArray`).
+      ValueError: a chunk fails its check (see `EntropyCodedArray`).
     """
     meta = self.metadata
-    words = symbols.packed_words(self._codes(), self.codebook, meta["axis"], meta["block_size"],
-                                 meta["bits"])
-    scale_scales = None if self.scale_scales is None else jnp.asarray(self.scale_scales)
-    return QuantisedArray(codes=words, scales=jnp.asarray(self.scales),
-                          codebook=jnp.asarray(self.codebook), scale_scales=scale_scales, **meta)
+    words = symbols.packed_words(self.codes(threads), self.codebook, meta["axis"],
+                                 meta["block_size"], meta["bits"])
+    stored = {name: None if getattr(self, name) is None else jnp.asarray(getattr(self, name))
+              for name in STORED_FIELDS}
+    return QuantisedArray(codes=words, **stored, **meta)
 
   def __repr__(self):
     meta = self.metadata
@@ -148,15 +154,20 @@ class EntropyCodedArray:
             f"fixed_bits_per_param={self.fixed_bits_per_param:.4f})")
 
 
-def compress(q: QuantisedArray) -> EntropyCodedArray:
-  """Huffman-codes the codes of a `QuantisedArray` (any granularity and axis).
+def compress(q: QuantisedArray, *, chunk_size: int = rans.CHUNK_SIZE,
+             precision: int = rans.PRECISION, threads: int | None = None) -> EntropyCodedArray:
+  """rANS-codes the codes of a `QuantisedArray` (any granularity, axis and scaling).
 
-  Orr et al. 2025 (§1): with the Huffman code of their histogram p, the N codes cᵢ cost
-  Σᵢ length(cᵢ) < -Σᵢ log2 p(cᵢ) + N bits, their empirical entropy plus at most one bit per
-  element; see `EntropyCodedArray`.
+  Orr et al. 2025 (§1): an entropy coder with the model p of the codes' histogram spends about
+  -Σᵢ log2 p(cᵢ) bits on N codes, their empirical entropy; rANS does so to within the
+  rounding of p to multiples of 2^-precision and a few bytes per chunk
+  (`jaxquant.entropy.rans`); see `EntropyCodedArray`.
 
   Args:
     q: the quantised array, with concrete leaves.
+    chunk_size: codes per independently decodable chunk.
+    precision: bits of the model's probabilities, 1..15.
+    threads: coding threads (default: the CPUs this process may use).
 
   Returns:
     The `EntropyCodedArray`; its `decompress()` is bit-identical to `q`.
@@ -165,25 +176,53 @@ def compress(q: QuantisedArray) -> EntropyCodedArray:
     TypeError: `q` is not a `QuantisedArray`.
     ValueError: `q.codes` holds padding codes `quantise` would not write, or a code that
       points at the codebook's padding.
-    NotImplementedError: `q` has block offsets (minmax scaling).
 
   Example:
     >>> import jax.numpy as jnp, jaxquant as jq
     >>> w = jnp.linspace(-1.0, 1.0, 4096).reshape(64, 64) ** 3
     >>> q = jq.quantise(w, jq.QuantSpec("int4", block_size=64))
     >>> compressed = jq.entropy.compress(q)
-    >>> compressed.bits_per_param, compressed.fixed_bits_per_param
-    (3.443359375, 4.25)
+    >>> round(compressed.ideal_bits_per_param, 3), round(compressed.bits_per_param, 3)
+    (3.345, 3.445)
     >>> bool(jnp.all(compressed.decompress().codes == q.codes))
     True
   """
   codes = symbols.checked_codes(q)
-  if q.offsets is not None:
-    raise NotImplementedError("compress entropy-codes symmetric arrays; q has block offsets "
-                              "(minmax scaling)")
-  code = HuffmanCode.from_counts(symbols.symbol_counts(codes, q.codebook))
+  symbols.symbol_counts(codes, q.codebook)  # refuses codes that point at the padding
+  stream = rans.encode(codes, symbols.alphabet_size(q.codebook), chunk_size=chunk_size,
+                       precision=precision, threads=threads)
   metadata = {field.name: getattr(q, field.name) for field in dataclasses.fields(q)
-              if field.name not in _ARRAY_FIELDS}
-  scale_scales = None if q.scale_scales is None else np.asarray(q.scale_scales)
-  return EntropyCodedArray(framing.frame(code.encode(codes), code, q.shape), code,
-                           np.asarray(q.scales), scale_scales, np.asarray(q.codebook), metadata)
+              if field.name not in STORED_FIELDS + ("codes",)}
+  stored = {name: None if getattr(q, name) is None else np.asarray(getattr(q, name))
+            for name in STORED_FIELDS}
+  return EntropyCodedArray(stream=stream, metadata=metadata, **stored)
+
+
+def coded_size(q: QuantisedArray) -> dict:
+  """Bits per element of a quantised array under three codings of its codes.
+
+  With N elements, S the bits of the stored scales, second-level scales and offsets, and c the
+  codes: ideal = (-Σ log2 p̂(cᵢ) + S)/N with the +1-smoothed histogram p̂ over the format's
+  values (`ideal_bits`; Orr et al. 2025, §1); rANS = `compress(q).bits_per_param`, the coded
+  stream with its checks and table; fixed = the packed storage, `q.bits_per_param`. The
+  codebook's padding to 2**bits entries is no symbol: it costs neither smoothing mass nor
+  table entries.
+
+  Args:
+    q: a `QuantisedArray` (any granularity, axis and scaling).
+
+  Returns:
+    ``{"ideal_bits_per_param", "rans_bits_per_param", "fixed_bits_per_param"}``.
+
+  Raises:
+    TypeError: `q` is not a `QuantisedArray`.
+    ValueError: `q.codes` holds padding codes `quantise` would not write, or a code that
+      points at the codebook's padding.
+  """
+  compressed = compress(q)
+  counts = symbols.symbol_counts(symbols.checked_codes(q), q.codebook)
+  return {
+      "ideal_bits_per_param": sizes.histogram_rate(counts, compressed.scale_bits),
+      "rans_bits_per_param": compressed.bits_per_param,
+      "fixed_bits_per_param": q.bits_per_param,
+  }

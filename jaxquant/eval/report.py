@@ -5,7 +5,7 @@ quantised (formats fitted per tensor where the format is fitted: the Student-t �
 Lloyd–Max codebooks, the step of an entropy-coded grid), and the report records
 
 - bits per parameter over the quantised layers: codes plus scales for fixed-length formats;
-  the coded size (ideal coder or Huffman code, with scales and code table) for entropy-coded
+  the coded size (ideal coder or rANS, with scales, code table and checks) for entropy-coded
   grids; the dense part plus 48 bits per outlier for sparse outliers;
 - the mean weight error R = ‖ŵ − w‖/‖w‖, averaged over layers weighted by their size;
 - the model metric (MiniLM: 1 − cosine between float and quantised sentence embeddings;
@@ -44,7 +44,7 @@ from jaxquant.eval import allocation
 STANDARD = ("int-absmax", "int-signmax", "e2m1", "nf4", "sf4", "crd-normal", "crd-laplace",
             "crd-t", "crd-t-signmax", "lloyd-max", "lloyd-max-signmax")
 QUICK = ("int-absmax", "nf4", "crd-t", "crd-t-signmax", "lloyd-max-signmax")
-VARIABLE = ("grid-ideal", "grid-huffman", "crd-t-outliers")
+VARIABLE = ("grid-ideal", "grid-rans", "crd-t-outliers")
 ALLOCATIONS = ("flat", "heuristic", "fisher")
 METHODS = ("rtn", "gptq")  # round to nearest, or GPTQ against the task's calibration
 OUTLIER_FRACTION = 2.0**-10
@@ -149,7 +149,7 @@ def _crd_t_outliers(w, bits, block_size):
 CHOICES.update({
     "grid-ideal": FormatChoice("tensor RMS + ideal coding", encode=_entropy_grid("ideal"),
                                integer_bits=False),
-    "grid-huffman": FormatChoice("tensor RMS + Huffman", encode=_entropy_grid("huffman"),
+    "grid-rans": FormatChoice("tensor RMS + rANS", encode=_entropy_grid("rans"),
                                  integer_bits=False),
     "crd-t-outliers": FormatChoice("tensor RMS CRD-t + 0.1% outliers", encode=_crd_t_outliers),
 })
