@@ -116,10 +116,14 @@ def quantised_frequencies(counts, precision: int = PRECISION) -> np.ndarray:
   return frequencies.astype(np.uint16)
 
 
+def default_threads() -> int:
+  """The CPUs this process may run on: the default number of coding threads."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+      os.cpu_count() or 1)
+
+
 def _threads(threads: int | None, n_chunks: int) -> int:
-  if threads is None:
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
+  threads = default_threads() if threads is None else threads
   return max(1, min(_integer("threads", threads, 1, 1024), n_chunks))
 
 

@@ -11,7 +11,7 @@ A checkpoint is a local directory holding two entries:
   leaves, so without this file a checkpoint could not say how its codes are packed::
 
     {
-      "format_version": 2,
+      "format_version": 3,
       "jaxquant_version": "0.1.0",
       "packing": {"layout": "bitstream-u32", "layout_version": 1},
       "leaves": {
@@ -29,6 +29,15 @@ A checkpoint is a local directory holding two entries:
       }
     }
 
+  With ``save(..., entropy_coded=True)`` a `QuantisedArray` whose codes rANS-code smaller
+  than they pack (`jaxquant.entropy.compress`) keeps no ``codes`` array: ``arrays/`` holds
+  its coded stream under ``<path>/coded/{words,ends,crcs,frequencies}``, and its entry gains
+  ``"coded": {"size", "chunk_size", "precision", "arrays": {…}, "bits": {"ideal", "coded",
+  "fixed"}}`` (the sizes in bits of the codes and scales under the ideal coder, as stored,
+  and packed), while ``arrays.codes`` still describes, and checksums, the packed codes that
+  `restore` rebuilds. The top level then records ``"sizes"``: the same three totals over
+  every `QuantisedArray` of the file, coded or not.
+
   ``leaves`` lists the saved tree's leaves in pytree order by their '/'-joined paths (the
   keys of the nested dict in ``arrays/``). An array leaf records its shape, dtype and the
   SHA-256 of its bytes (C order, little-endian; a PRNG key array its `jax.random.key_data`); a
@@ -36,7 +45,7 @@ A checkpoint is a local directory holding two entries:
   ``format_version`` is `FORMAT_VERSION`, bumped whenever this layout changes; ``packing``
   names the bit layout of the codes (`jaxquant.packing`; each `QuantisedArray` names it too).
   These two decide how the file is read: a checkpoint whose format_version or layout_version
-  (top level or any leaf) is not the one this jaxquant reads is refused, and the message names
+  (top level or any leaf) is not one this jaxquant reads is refused, and the message names
   both versions (a newer one means: upgrade jaxquant). ``jaxquant_version`` is the
   `jaxquant.__version__` that wrote the file: provenance, named in those refusals. It does not
   decide how the file is read (a later jaxquant writing the same format_version writes files
@@ -57,6 +66,7 @@ addressable arrays.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -71,12 +81,16 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import jaxquant
-from jaxquant import packing, scaling
+from jaxquant import entropy, packing, scaling
+from jaxquant.entropy import rans, symbols
 from jaxquant.qarray import QuantisedArray
 
 __all__ = ["FORMAT_VERSION", "read_metadata", "restore", "save"]
 
-FORMAT_VERSION = 2  # 2: QuantisedArray has no format_name or scaling; codebooks have 2**bits
+# 2: QuantisedArray has no format_name or scaling; codebooks have 2**bits. 3: entropy-coded
+# codes and the "sizes" field (version 2 files are read as well).
+FORMAT_VERSION = 3
+_READABLE_FORMAT_VERSIONS = (2, 3)
 
 _ARRAYS = "arrays"
 _METADATA = "jaxquant.json"
@@ -84,6 +98,9 @@ _STATIC_FIELDS = ("bits", "block_size", "axis", "granularity",
                   "shape", "dtype", "layout", "layout_version", "scale_group")
 _PARTS = ("codes", "scales", "codebook", "scale_scales", "offsets", "offset_scales")
 _ARRAY_KEYS = {"shape", "dtype", "sha256"}
+_STREAM_PARTS = ("words", "ends", "crcs", "frequencies")
+_CODED_KEYS = {"size", "chunk_size", "precision", "arrays", "bits"}
+_SIZE_KEYS = ("ideal", "coded", "fixed")
 # PEP 440, Appendix B: a canonical public version, then an optional local version label.
 _VERSION = re.compile(r"([1-9][0-9]*!)?(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*"
                       r"((a|b|rc)(0|[1-9][0-9]*))?(\.post(0|[1-9][0-9]*))?(\.dev(0|[1-9][0-9]*))?"
@@ -146,8 +163,10 @@ def _array_entry(path: str, array, checksum: bool) -> dict[str, Any]:
   return entry
 
 
-def _describe(flat: dict[str, Any], checksum: bool) -> dict[str, Any]:
-  """The ``leaves`` table of ``jaxquant.json`` (without checksums for a restore target)."""
+def _describe(flat: dict[str, Any], checksum: bool, coded=None) -> dict[str, Any]:
+  """The ``leaves`` table of ``jaxquant.json`` (without checksums for a restore target);
+  `coded` maps the paths whose codes are stored coded to their `EntropyCodedArray`s."""
+  coded = coded or {}
   leaves = {}
   for path, leaf in flat.items():
     if isinstance(leaf, QuantisedArray):
@@ -157,25 +176,67 @@ def _describe(flat: dict[str, Any], checksum: bool) -> dict[str, Any]:
       leaves[path] = {"quantised_array": static, "arrays": {
           name: _array_entry(f"{path}/{name}", part, checksum)
           for name, part in _parts(leaf).items()}}
+      if path in coded:
+        leaves[path]["coded"] = _coded_entry(path, coded[path], leaf)
     else:
       leaves[path] = _array_entry(path, leaf, checksum)
   return leaves
 
 
-def _arrays_tree(flat: dict[str, Any], value) -> dict[str, Any]:
-  """The nested dict stored by orbax, each array (or `QuantisedArray` part) mapped by `value`."""
+def _stream_arrays(compressed) -> dict[str, np.ndarray]:
+  return {name: getattr(compressed.stream, name) for name in _STREAM_PARTS}
+
+
+def _leaf_sizes(compressed, leaf: QuantisedArray) -> dict[str, float]:
+  """The bits of a leaf's codes and scales: ideal coder, as `save` stores them, packed."""
+  return {"ideal": compressed.ideal_bits_per_param * leaf.size,
+          "coded": min(compressed.storage_bits, leaf.storage_bits),
+          "fixed": leaf.storage_bits}
+
+
+def _coded_entry(path: str, compressed, leaf: QuantisedArray) -> dict[str, Any]:
+  stream = compressed.stream
+  return {"size": stream.size, "chunk_size": stream.chunk_size, "precision": stream.precision,
+          "arrays": {name: _array_entry(f"{path}/coded/{name}", array, True)
+                     for name, array in _stream_arrays(compressed).items()},
+          "bits": _leaf_sizes(compressed, leaf)}
+
+
+def _arrays_tree(flat: dict[str, Any], value, coded=None) -> dict[str, Any]:
+  """The nested dict stored by orbax, each array (or `QuantisedArray` part) mapped by `value`;
+  `coded` maps the paths stored coded to their stream arrays, which replace their codes."""
+  coded = coded or {}
   tree = {}
   for path, leaf in flat.items():
     *parents, last = path.split("/")
     node = tree
     for part in parents:
       node = node.setdefault(part, {})
-    node[last] = ({name: value(part) for name, part in _parts(leaf).items()}
-                  if isinstance(leaf, QuantisedArray) else value(leaf))
+    if isinstance(leaf, QuantisedArray):
+      node[last] = {name: value(part) for name, part in _parts(leaf).items()
+                    if not (path in coded and name == "codes")}
+      if path in coded:
+        node[last]["coded"] = {name: value(array) for name, array in coded[path].items()}
+    else:
+      node[last] = value(leaf)
   return tree
 
 
-def save(path, model_or_params, *, overwrite: bool = False) -> None:
+def _compressed_leaves(flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+  """Each `QuantisedArray` leaf rANS-coded: those that code smaller than they pack, and the
+  ``sizes`` totals over all of them."""
+  coded, totals = {}, dict.fromkeys(_SIZE_KEYS, 0.0)
+  for path, leaf in flat.items():
+    if isinstance(leaf, QuantisedArray):
+      compressed = entropy.compress(leaf)
+      for key, bits in _leaf_sizes(compressed, leaf).items():
+        totals[key] += bits
+      if compressed.storage_bits < leaf.storage_bits:
+        coded[path] = compressed
+  return coded, totals
+
+
+def save(path, model_or_params, *, overwrite: bool = False, entropy_coded: bool = False) -> None:
   """Saves an NNX model's state, or a pytree of arrays and `QuantisedArray`s, to `path`.
 
   Args:
@@ -183,14 +244,19 @@ def save(path, model_or_params, *, overwrite: bool = False) -> None:
     model_or_params: an `nnx.Module` (its whole `nnx.state`), an `nnx.State`, or any pytree
       whose leaves are arrays or `QuantisedArray`s (e.g. Linen params).
     overwrite: replace a checkpoint already at `path`.
+    entropy_coded: store the codes of each `QuantisedArray` rANS-coded
+      (`jaxquant.entropy.compress`) where that is smaller than packed, and record the sizes
+      (module docstring); `restore` decodes them back into the packed codes.
 
   Raises:
     FileExistsError: `path` is not empty and `overwrite` is False, or `path` holds files that
       are not a jaxquant checkpoint's (they are never deleted).
-    TypeError: a leaf is not an array or a `QuantisedArray`.
+    TypeError: a leaf is not an array or a `QuantisedArray`, or `entropy_coded` is not a bool.
     ValueError: the tree has no arrays, a key contains '/', or an array is not fully
       addressable.
   """
+  if not isinstance(entropy_coded, bool):
+    raise TypeError(f"entropy_coded={entropy_coded!r} must be a bool")
   path = os.path.abspath(os.fspath(path))
   flat, _ = _flatten(_pure(model_or_params))
   if not flat:
@@ -200,9 +266,12 @@ def save(path, model_or_params, *, overwrite: bool = False) -> None:
     if not all(isinstance(a, (jax.Array, np.ndarray, np.generic)) for a in arrays):
       raise TypeError(f"leaf {leaf_path!r} holds no concrete array (an abstract model or "
                       "ShapeDtypeStruct cannot be saved)")
+  coded, totals = _compressed_leaves(flat) if entropy_coded else ({}, None)
   metadata = {"format_version": FORMAT_VERSION, "jaxquant_version": jaxquant.__version__,
               "packing": {"layout": packing.LAYOUT, "layout_version": packing.LAYOUT_VERSION},
-              "leaves": _describe(flat, checksum=True)}
+              "leaves": _describe(flat, checksum=True, coded=coded)}
+  if totals is not None:
+    metadata["sizes"] = totals
   if os.path.isdir(path) and os.listdir(path):
     if not overwrite:
       raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace the "
@@ -216,8 +285,9 @@ def save(path, model_or_params, *, overwrite: bool = False) -> None:
       os.remove(os.path.join(path, _METADATA))
     shutil.rmtree(os.path.join(path, _ARRAYS), ignore_errors=True)
   os.makedirs(path, exist_ok=True)
+  streams = {leaf_path: _stream_arrays(compressed) for leaf_path, compressed in coded.items()}
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(path, _ARRAYS), _arrays_tree(flat, lambda a: a))
+    checkpointer.save(os.path.join(path, _ARRAYS), _arrays_tree(flat, lambda a: a, streams))
     checkpointer.wait_until_finished()
   partial = os.path.join(path, _METADATA + ".partial")
   with open(partial, "w", encoding="utf-8") as file:
@@ -230,16 +300,17 @@ def _require(condition: bool, path: str, problem: str) -> None:
     raise ValueError(f"{path} is not a valid jaxquant checkpoint: {problem}")
 
 
-def _check_version(path: str, name: str, where: str, found, supported: int,
+def _check_version(path: str, name: str, where: str, found, supported: tuple[int, ...],
                    written_by: str) -> None:
-  """Refuses `found` unless it is the `supported` version called `name`, naming both."""
+  """Refuses `found` unless it is one of the `supported` versions called `name`, naming them."""
   _require(isinstance(found, int) and not isinstance(found, bool), path,
            f"{name} {found!r}{where} is not an integer")
-  if found != supported:
-    newer = found > supported
+  if found not in supported:
+    newer = found > max(supported)
+    shown = " or ".join(map(str, supported))
     raise ValueError(
         f"the checkpoint at {path} has {name} {found}{where}, {'newer' if newer else 'older'} "
-        f"than the {name} {supported} this jaxquant ({jaxquant.__version__}) reads{written_by}: "
+        f"than the {name} {shown} this jaxquant ({jaxquant.__version__}) reads{written_by}: "
         + ("upgrade jaxquant to load it" if newer else "this jaxquant reads no other"))
 
 
@@ -252,7 +323,7 @@ def _check_packing(path: str, where: str, layout, written_by: str) -> None:
                      f"{layout['layout']!r}, but this jaxquant ({jaxquant.__version__}) reads "
                      f"only {packing.LAYOUT!r}{written_by}")
   _check_version(path, "layout_version", where, layout["layout_version"],
-                 packing.LAYOUT_VERSION, written_by)
+                 (packing.LAYOUT_VERSION,), written_by)
 
 
 def _valid_array_entry(entry) -> bool:
@@ -288,10 +359,14 @@ def read_metadata(path) -> dict[str, Any]:
            f"{_METADATA} has no format_version")
   written = metadata.get("jaxquant_version")
   written_by = f" (it was written by jaxquant {written})" if isinstance(written, str) else ""
-  _check_version(path, "format_version", "", metadata["format_version"], FORMAT_VERSION,
-                 written_by)
-  _require(set(metadata) == {"format_version", "jaxquant_version", "packing", "leaves"}, path,
-           f"{_METADATA} has fields {sorted(metadata)}")
+  _check_version(path, "format_version", "", metadata["format_version"],
+                 _READABLE_FORMAT_VERSIONS, written_by)
+  coding = metadata["format_version"] >= 3  # entropy-coded leaves and sizes are allowed
+  fields = {"format_version", "jaxquant_version", "packing", "leaves"}
+  _require(set(metadata) in (fields, fields | {"sizes"}) and (coding or "sizes" not in metadata),
+           path, f"{_METADATA} has fields {sorted(metadata)}")
+  _require("sizes" not in metadata or _valid_sizes(metadata["sizes"]), path,
+           f"sizes {metadata.get('sizes')!r} is malformed")
   _require(isinstance(written, str) and _VERSION.fullmatch(written) is not None, path,
            f"jaxquant_version {written!r} is not a version string (PEP 440)")
   _check_packing(path, "", metadata["packing"], written_by)
@@ -301,7 +376,8 @@ def read_metadata(path) -> dict[str, Any]:
       # Written before offsets and K-type groups: every group held 256 scales.
       entry["quantised_array"].setdefault("scale_group", scaling.DOUBLE_QUANT_GROUP)
     if isinstance(entry, dict) and "quantised_array" in entry:
-      valid = (set(entry) == {"quantised_array", "arrays"}
+      valid = (set(entry) - {"coded"} == {"quantised_array", "arrays"}
+               and ("coded" not in entry or coding and _valid_coded(entry["coded"]))
                and isinstance(entry["quantised_array"], dict)
                and set(entry["quantised_array"]) == set(_STATIC_FIELDS)
                and isinstance(entry["arrays"], dict)
@@ -315,6 +391,21 @@ def read_metadata(path) -> dict[str, Any]:
       _check_packing(path, f" (leaf {leaf_path!r})", {name: static[name] for name in (
           "layout", "layout_version")}, written_by)
   return metadata
+
+
+def _valid_sizes(sizes) -> bool:
+  return (isinstance(sizes, dict) and set(sizes) == set(_SIZE_KEYS)
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                  for v in sizes.values()))
+
+
+def _valid_coded(coded) -> bool:
+  counts = ("size", "chunk_size", "precision")
+  return (isinstance(coded, dict) and set(coded) == _CODED_KEYS
+          and all(isinstance(coded[k], int) and not isinstance(coded[k], bool) for k in counts)
+          and isinstance(coded["arrays"], dict) and set(coded["arrays"]) == set(_STREAM_PARTS)
+          and all(map(_valid_array_entry, coded["arrays"].values()))
+          and _valid_sizes(coded["bits"]))
 
 
 def _without_checksum(entry: dict[str, Any]) -> dict[str, Any]:
@@ -375,8 +466,11 @@ def restore(path, target):
     FileNotFoundError: `path` is not a directory.
     ValueError: ``jaxquant.json`` is missing or invalid (see `read_metadata`); the target's
       leaf paths, shapes, dtypes or `QuantisedArray` metadata differ from the checkpoint's
-      (the message names the first differing leaf and both values); or the array files are
-      unreadable or do not match their checksums.
+      (the message names the first differing leaf and both values); the array files are
+      unreadable or do not match their checksums; or an entropy-coded leaf's stream fails its
+      checks or decodes to codes other than those saved.
+
+  Entropy-coded codes are decoded in parallel threads, one leaf per thread.
   """
   metadata = read_metadata(path)
   path = os.path.abspath(os.fspath(path))
@@ -386,27 +480,42 @@ def restore(path, target):
   def abstract(leaf):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
 
+  coded = {leaf_path: {name: jax.ShapeDtypeStruct(tuple(entry["shape"]), np.dtype(entry["dtype"]))
+                       for name, entry in saved["coded"]["arrays"].items()}
+           for leaf_path, saved in metadata["leaves"].items() if "coded" in saved}
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      arrays = checkpointer.restore(os.path.join(path, _ARRAYS), _arrays_tree(flat, abstract))
+      arrays = checkpointer.restore(os.path.join(path, _ARRAYS),
+                                    _arrays_tree(flat, abstract, coded))
   except Exception as error:  # orbax raises bare Exceptions for bad files.
     cause = error  # The innermost error says which file failed and how (tensorstore's).
     while cause.__cause__ is not None:
       cause = cause.__cause__
     raise ValueError(f"could not read the arrays of the checkpoint at {path}: {cause}") from error
-  restored = {}
+  restored, nodes = {}, {}
   for leaf_path, leaf in flat.items():
     node = arrays
     for part in leaf_path.split("/"):
       node = node[part]
+    nodes[leaf_path] = node
     saved = metadata["leaves"][leaf_path]
     stored = ([(f"{leaf_path}/{name}", node[name], entry)
-               for name, entry in saved["arrays"].items()]
+               for name, entry in saved["arrays"].items() if name in node]
+              + [(f"{leaf_path}/coded/{name}", node["coded"][name], entry)
+                 for name, entry in saved.get("coded", {}).get("arrays", {}).items()]
               if isinstance(leaf, QuantisedArray) else [(leaf_path, node, saved)])
     for array_path, array, entry in stored:
       if _sha256(array_path, array) != entry["sha256"]:
         raise ValueError(f"array {array_path!r} of the checkpoint at {path} does not match its "
                          "checksum: the array files are corrupted")
+  with concurrent.futures.ThreadPoolExecutor(rans.default_threads()) as pool:
+    decoded = dict(zip(coded, pool.map(
+        lambda leaf_path: _decoded_codes(path, leaf_path, flat[leaf_path], nodes[leaf_path],
+                                         metadata["leaves"][leaf_path]), coded)))
+  for leaf_path, leaf in flat.items():
+    node = nodes[leaf_path]
+    if leaf_path in decoded:
+      node = {**node, "codes": decoded[leaf_path]}
     restored[leaf_path] = (dataclasses.replace(leaf, **{name: node.get(name) for name in _PARTS})
                            if isinstance(leaf, QuantisedArray) else node)
   values = jax.tree_util.tree_unflatten(treedef, list(restored.values()))
@@ -417,3 +526,23 @@ def restore(path, target):
   if isinstance(target, nnx.Module):
     nnx.update(target, state)
   return target
+
+
+def _decoded_codes(path: str, leaf_path: str, leaf: QuantisedArray, node, saved) -> jax.Array:
+  """The packed codes of an entropy-coded leaf: its stream decoded (one thread), packed, and
+  checked against the saved codes' checksum; placed like the target's codes."""
+  coded, static = saved["coded"], saved["quantised_array"]
+  try:
+    stream = rans.CodedStream(**{name: np.asarray(node["coded"][name]) for name in _STREAM_PARTS},
+                              size=coded["size"], chunk_size=coded["chunk_size"],
+                              precision=coded["precision"])
+    codes = rans.decode(stream, threads=1).reshape(tuple(static["shape"]))
+  except ValueError as error:
+    raise ValueError(f"leaf {leaf_path!r} of the checkpoint at {path}: {error}") from None
+  words = symbols.packed_words(codes, np.asarray(node["codebook"]), static["axis"],
+                               static["block_size"], static["bits"])
+  if _sha256(f"{leaf_path}/codes", words) != saved["arrays"]["codes"]["sha256"]:
+    raise ValueError(f"the codes of leaf {leaf_path!r} of the checkpoint at {path} decode to "
+                     "other codes than were saved")
+  sharding = getattr(leaf.codes, "sharding", None)
+  return words if sharding is None else jax.device_put(words, sharding)
