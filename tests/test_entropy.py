@@ -343,3 +343,25 @@ def test_codebook_padding_costs_nothing():
     entropy.compress(tampered)
   with pytest.raises(ValueError, match="codebook's padding"):
     entropy.coded_size(tampered)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("shape, axis, block_size", [((70, 5), 0, 16), ((3, 41, 2), 1, 64),
+                                                     ((4, 96), -1, 32)])
+def test_packed_words_match_the_packing_reference(bits, shape, axis, block_size):
+  # The host loop against jaxquant.packing.pack of the codes padded as documented: the last
+  # block's padding takes the code nearest 0, then zeros to a whole group of 32.
+  rng = np.random.default_rng(bits)
+  codebook = np.linspace(-1.0, 1.0, 2**bits, dtype=np.float32) if bits > 1 else np.array(
+      [0.0, 1.0], np.float32)
+  codes = rng.integers(0, 2**bits, shape)
+  n = shape[axis]
+  blocks = -(-n // block_size) * block_size
+  zero_code = int(np.argmin(np.abs(codebook)))
+  pad = [(0, 0)] * len(shape)
+  pad[axis] = (0, blocks - n)
+  padded = np.pad(codes, pad, constant_values=zero_code)
+  pad[axis] = (0, -blocks % 32)
+  expected = jq.packing.pack(jnp.asarray(np.pad(padded, pad), jnp.uint32), bits, axis)
+  actual = jq.entropy.symbols.packed_words(codes, codebook, axis, block_size, bits)
+  np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected), strict=True)

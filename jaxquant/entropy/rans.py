@@ -1,7 +1,7 @@
 """Chunked rANS: symbol streams coded within a fraction of a percent of their entropy.
 
 Range asymmetric numeral systems (Duda 2013, arXiv:1311.2540) with a 64-bit state and 32-bit
-words (word-wise renormalisation as in Giesen 2014, arXiv:1402.3392, §2), the loops in C (`jaxquant/entropy/_rans.c`, which
+words (word-wise renormalisation as in Giesen 2014, arXiv:1402.3392, §2), the loops in C (`jaxquant/entropy/_loops.c`, which
 states the recurrences). The symbols are cut into chunks of `chunk_size` (the last may be
 shorter), each coded on its own from the state L = 2^32, so chunks decode independently and in
 parallel threads, and a damaged chunk is found without reading the others.
@@ -39,24 +39,12 @@ import zlib
 
 import numpy as np
 
-try:
-  from jaxquant.entropy import _rans
-except ImportError as error:  # pragma: no cover - a source checkout without its build
-  _rans = None
-  _IMPORT_ERROR = error
+from jaxquant.entropy import native
 
 CHUNK_SIZE = 2**16
 PRECISION = 15
 MAX_PRECISION = 15  # f(s) ≤ 2^15 fits the uint16 table and the decoder's 16-bit fields
 MAX_SYMBOLS = 2**16
-
-
-def _loops():
-  if _rans is None:
-    raise ImportError("jaxquant's rANS loops are a C extension (jaxquant/entropy/_rans.c) "
-                      "built when jaxquant is installed; install it with `pip install -e .` "
-                      f"(a C compiler is needed): {_IMPORT_ERROR}")
-  return _rans
 
 
 def _integer(name: str, value, low: int, high: int) -> int:
@@ -197,6 +185,37 @@ class CodedStream:
     return 8 * sum(array.nbytes for array in (self.words, self.ends, self.crcs,
                                                self.frequencies))
 
+  def serialised(self) -> np.ndarray:
+    """The stream as one little-endian uint32 array: words ‖ ends (each as its low then its
+    high half) ‖ crcs ‖ frequencies (two per word, the first in the low half; an odd count
+    padded with 0). `deserialised` reads it back given N, chunk_size, n and K."""
+    frequencies = np.concatenate([self.frequencies, np.zeros(self.n_symbols % 2, "<u2")])
+    return np.concatenate([self.words, self.ends.view("<u4"), self.crcs,
+                           frequencies.view("<u4")])
+
+  @classmethod
+  def deserialised(cls, array, size: int, chunk_size: int, precision: int,
+                   n_symbols: int) -> CodedStream:
+    """The `CodedStream` of N = `size` symbols over K = `n_symbols` that `serialised` wrote.
+
+    Raises:
+      ValueError: `array` is too short for the chunks and alphabet it is said to hold, or
+        the stream it holds is inconsistent (see `CodedStream`).
+    """
+    array = np.ascontiguousarray(np.asarray(array), "<u4").reshape(-1)
+    n_chunks = -(-_integer("size", size, 0, 2**63 - 1) // _integer("chunk_size", chunk_size, 1,
+                                                                   2**31 - 1))
+    n_symbols = _integer("n_symbols", n_symbols, 1, MAX_SYMBOLS)
+    tail = 3 * n_chunks + -(-n_symbols // 2)
+    if array.size < tail:
+      raise ValueError(f"the serialised stream has {array.size} words, fewer than the {tail} "
+                       f"its {n_chunks} chunks and {n_symbols} frequencies take")
+    n_words = array.size - tail
+    ends = array[n_words:n_words + 2 * n_chunks].view("<u8")
+    crcs = array[n_words + 2 * n_chunks:n_words + 3 * n_chunks]
+    frequencies = array[n_words + 3 * n_chunks:].view("<u2")[:n_symbols]
+    return cls(array[:n_words], ends, crcs, frequencies, size, chunk_size, precision)
+
   def _seeds(self) -> list[int]:
     """The CRC seed of each chunk: CRC-32 of frequencies ‖ N, chunk_size, n, j."""
     context = zlib.crc32(self.frequencies.tobytes() + struct.pack(
@@ -252,7 +271,7 @@ def encode(symbols, n_symbols: int, *, chunk_size: int = CHUNK_SIZE,
     part = symbols[first * chunk_size:stop * chunk_size]
     out = np.empty(part.size + 2 * (stop - first), np.uint32)
     ends = np.empty(stop - first, np.uint64)
-    written = _loops().encode(part, chunk_size, freq, cum, precision, out, ends)
+    written = native.loops().encode(part, chunk_size, freq, cum, precision, out, ends)
     return out[:written], ends
 
   groups = _groups(n_chunks, _threads(threads, n_chunks))
@@ -299,7 +318,7 @@ def decode(stream: CodedStream, *, threads: int | None = None) -> np.ndarray:
     bad = stream.corrupt_chunks(first, stop)
     if bad:
       return bad, "fail their CRC-32 or offsets"
-    failed = _loops().decode(stream.words, starts[first:stop + 1], c, table, stream.precision,
+    failed = native.loops().decode(stream.words, starts[first:stop + 1], c, table, stream.precision,
                              out[first * c:stop * c])
     return ([first + failed], "does not decode to its initial state") if failed >= 0 else ([], "")
 

@@ -6,11 +6,14 @@ The symbols are the codes unpacked in logical order (C order over `shape`, the p
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import packing
+from jaxquant.entropy import native
 from jaxquant.qarray import QuantisedArray, nearest_codes
 
 
@@ -78,15 +81,20 @@ def packed_words(codes: np.ndarray, codebook, axis: int, block_size: int, bits: 
   """The uint32 words `quantise` stores for the logical `codes` (the inverse of `logical_codes`).
 
   Along `axis`, the zero padding of the last block is rounded like any element, to the code
-  nearest 0 among the format's values (0/s is ±0 for every scale s); the codes are then
-  zero-padded to whole groups of 32 and packed (`jaxquant.packing`).
+  nearest 0 among the format's values (0/s is ±0 for every scale s; minmax scaling pads with
+  0 after the shift); the codes are then zero-padded to whole groups of 32 and packed in the
+  layout of `jaxquant.packing`, on the host (the C loop of `jaxquant.entropy.native`).
   """
+  codes = np.asarray(codes)
+  axis = axis % codes.ndim
   n = codes.shape[axis]
   blocks = -(-n // block_size) * block_size
   values = jnp.asarray(np.asarray(codebook)[:alphabet_size(codebook)], jnp.float32)
   zero_code = int(nearest_codes(jnp.zeros((), jnp.float32), values))
-  pad = [(0, 0)] * codes.ndim
-  pad[axis] = (0, blocks - n)
-  codes = np.pad(codes, pad, constant_values=zero_code)
-  pad[axis] = (0, padded_length(n, block_size) - blocks)
-  return packing.pack(jnp.asarray(np.pad(codes, pad), jnp.uint32), bits, axis)
+  outer, inner = math.prod(codes.shape[:axis]), math.prod(codes.shape[axis + 1:])
+  shape = list(codes.shape)
+  shape[axis] = packing.packed_length(padded_length(n, block_size), bits)
+  words = np.empty(shape, np.uint32)
+  small = np.ascontiguousarray(codes, np.uint8 if bits <= 8 else np.uint16)
+  native.loops().pack(small, outer, n, inner, bits, zero_code, blocks, words)
+  return jnp.asarray(words)

@@ -31,9 +31,10 @@ A checkpoint is a local directory holding two entries:
 
   With ``save(..., entropy_coded=True)`` a `QuantisedArray` whose codes rANS-code smaller
   than they pack (`jaxquant.entropy.compress`) keeps no ``codes`` array: ``arrays/`` holds
-  its coded stream under ``<path>/coded/{words,ends,crcs,frequencies}``, and its entry gains
-  ``"coded": {"size", "chunk_size", "precision", "arrays": {…}, "bits": {"ideal", "coded",
-  "fixed"}}`` (the sizes in bits of the codes and scales under the ideal coder, as stored,
+  its coded stream as one uint32 array ``<path>/coded``
+  (`jaxquant.entropy.rans.CodedStream.serialised`), and its entry gains ``"coded": {"size",
+  "chunk_size", "precision", "n_symbols", "array": {shape, dtype, sha256}, "bits": {"ideal",
+  "coded", "fixed"}}`` (the sizes in bits of the codes and scales under the ideal coder, as stored,
   and packed), while ``arrays.codes`` still describes, and checksums, the packed codes that
   `restore` rebuilds. The top level then records ``"sizes"``: the same three totals over
   every `QuantisedArray` of the file, coded or not.
@@ -98,8 +99,7 @@ _STATIC_FIELDS = ("bits", "block_size", "axis", "granularity",
                   "shape", "dtype", "layout", "layout_version", "scale_group")
 _PARTS = ("codes", "scales", "codebook", "scale_scales", "offsets", "offset_scales")
 _ARRAY_KEYS = {"shape", "dtype", "sha256"}
-_STREAM_PARTS = ("words", "ends", "crcs", "frequencies")
-_CODED_KEYS = {"size", "chunk_size", "precision", "arrays", "bits"}
+_CODED_KEYS = {"size", "chunk_size", "precision", "n_symbols", "array", "bits"}
 _SIZE_KEYS = ("ideal", "coded", "fixed")
 # PEP 440, Appendix B: a canonical public version, then an optional local version label.
 _VERSION = re.compile(r"([1-9][0-9]*!)?(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*"
@@ -183,10 +183,6 @@ def _describe(flat: dict[str, Any], checksum: bool, coded=None) -> dict[str, Any
   return leaves
 
 
-def _stream_arrays(compressed) -> dict[str, np.ndarray]:
-  return {name: getattr(compressed.stream, name) for name in _STREAM_PARTS}
-
-
 def _leaf_sizes(compressed, leaf: QuantisedArray) -> dict[str, float]:
   """The bits of a leaf's codes and scales: ideal coder, as `save` stores them, packed."""
   return {"ideal": compressed.ideal_bits_per_param * leaf.size,
@@ -197,14 +193,14 @@ def _leaf_sizes(compressed, leaf: QuantisedArray) -> dict[str, float]:
 def _coded_entry(path: str, compressed, leaf: QuantisedArray) -> dict[str, Any]:
   stream = compressed.stream
   return {"size": stream.size, "chunk_size": stream.chunk_size, "precision": stream.precision,
-          "arrays": {name: _array_entry(f"{path}/coded/{name}", array, True)
-                     for name, array in _stream_arrays(compressed).items()},
+          "n_symbols": stream.n_symbols,
+          "array": _array_entry(f"{path}/coded", stream.serialised(), True),
           "bits": _leaf_sizes(compressed, leaf)}
 
 
 def _arrays_tree(flat: dict[str, Any], value, coded=None) -> dict[str, Any]:
   """The nested dict stored by orbax, each array (or `QuantisedArray` part) mapped by `value`;
-  `coded` maps the paths stored coded to their stream arrays, which replace their codes."""
+  `coded` maps the paths stored coded to their serialised streams, which replace their codes."""
   coded = coded or {}
   tree = {}
   for path, leaf in flat.items():
@@ -216,7 +212,7 @@ def _arrays_tree(flat: dict[str, Any], value, coded=None) -> dict[str, Any]:
       node[last] = {name: value(part) for name, part in _parts(leaf).items()
                     if not (path in coded and name == "codes")}
       if path in coded:
-        node[last]["coded"] = {name: value(array) for name, array in coded[path].items()}
+        node[last]["coded"] = value(coded[path])
     else:
       node[last] = value(leaf)
   return tree
@@ -285,7 +281,7 @@ def save(path, model_or_params, *, overwrite: bool = False, entropy_coded: bool 
       os.remove(os.path.join(path, _METADATA))
     shutil.rmtree(os.path.join(path, _ARRAYS), ignore_errors=True)
   os.makedirs(path, exist_ok=True)
-  streams = {leaf_path: _stream_arrays(compressed) for leaf_path, compressed in coded.items()}
+  streams = {leaf_path: compressed.stream.serialised() for leaf_path, compressed in coded.items()}
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, _ARRAYS), _arrays_tree(flat, lambda a: a, streams))
     checkpointer.wait_until_finished()
@@ -400,12 +396,10 @@ def _valid_sizes(sizes) -> bool:
 
 
 def _valid_coded(coded) -> bool:
-  counts = ("size", "chunk_size", "precision")
+  counts = ("size", "chunk_size", "precision", "n_symbols")
   return (isinstance(coded, dict) and set(coded) == _CODED_KEYS
           and all(isinstance(coded[k], int) and not isinstance(coded[k], bool) for k in counts)
-          and isinstance(coded["arrays"], dict) and set(coded["arrays"]) == set(_STREAM_PARTS)
-          and all(map(_valid_array_entry, coded["arrays"].values()))
-          and _valid_sizes(coded["bits"]))
+          and _valid_array_entry(coded["array"]) and _valid_sizes(coded["bits"]))
 
 
 def _without_checksum(entry: dict[str, Any]) -> dict[str, Any]:
@@ -480,8 +474,10 @@ def restore(path, target):
   def abstract(leaf):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
 
-  coded = {leaf_path: {name: jax.ShapeDtypeStruct(tuple(entry["shape"]), np.dtype(entry["dtype"]))
-                       for name, entry in saved["coded"]["arrays"].items()}
+  host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])  # streams decode on the host
+  coded = {leaf_path: jax.ShapeDtypeStruct(tuple(saved["coded"]["array"]["shape"]),
+                                            np.dtype(saved["coded"]["array"]["dtype"]),
+                                            sharding=host)
            for leaf_path, saved in metadata["leaves"].items() if "coded" in saved}
   try:
     with ocp.StandardCheckpointer() as checkpointer:
@@ -501,8 +497,8 @@ def restore(path, target):
     saved = metadata["leaves"][leaf_path]
     stored = ([(f"{leaf_path}/{name}", node[name], entry)
                for name, entry in saved["arrays"].items() if name in node]
-              + [(f"{leaf_path}/coded/{name}", node["coded"][name], entry)
-                 for name, entry in saved.get("coded", {}).get("arrays", {}).items()]
+              + ([(f"{leaf_path}/coded", node["coded"], saved["coded"]["array"])]
+                 if "coded" in saved else [])
               if isinstance(leaf, QuantisedArray) else [(leaf_path, node, saved)])
     for array_path, array, entry in stored:
       if _sha256(array_path, array) != entry["sha256"]:
@@ -533,9 +529,8 @@ def _decoded_codes(path: str, leaf_path: str, leaf: QuantisedArray, node, saved)
   checked against the saved codes' checksum; placed like the target's codes."""
   coded, static = saved["coded"], saved["quantised_array"]
   try:
-    stream = rans.CodedStream(**{name: np.asarray(node["coded"][name]) for name in _STREAM_PARTS},
-                              size=coded["size"], chunk_size=coded["chunk_size"],
-                              precision=coded["precision"])
+    stream = rans.CodedStream.deserialised(node["coded"], coded["size"], coded["chunk_size"],
+                                           coded["precision"], coded["n_symbols"])
     codes = rans.decode(stream, threads=1).reshape(tuple(static["shape"]))
   except ValueError as error:
     raise ValueError(f"leaf {leaf_path!r} of the checkpoint at {path}: {error}") from None

@@ -1,4 +1,5 @@
-/* Chunked rANS: the hot loops of jaxquant.entropy.rans (which documents the stream format).
+/* The host loops of jaxquant.entropy: chunked rANS (jaxquant.entropy.rans documents the
+ * stream format) and the packing of decoded codes (jaxquant.entropy.symbols).
  *
  * Range asymmetric numeral systems (Duda 2013, "Asymmetric numeral systems: entropy coding
  * combining speed of Huffman coding with compression rate of arithmetic coding",
@@ -192,13 +193,79 @@ done:
   return result;
 }
 
+/* pack(codes, outer, n, inner, bits, blocked, pad_code, out u32[]) -> None: the codes, C
+ * order over [outer, n, inner] (u8 or u16), packed along their middle axis in the layout of
+ * jaxquant.packing ("bitstream-u32" version 1): along that axis, positions n..blocked-1 take
+ * `pad_code` and blocked..padded-1 take 0, padded = blocked rounded up to 32; each group of
+ * 32 codes becomes `bits` words, code t of the group at stream bits [t bits, (t + 1) bits),
+ * least significant first. out is [outer, padded bits / 32, inner]. Raises ValueError for a
+ * code of more than `bits` bits. */
+static PyObject *pack(PyObject *self, PyObject *args) {
+  PyObject *codes_object, *out_object;
+  Py_ssize_t outer, n, inner, blocked;
+  int bits;
+  unsigned int pad_code;
+  if (!PyArg_ParseTuple(args, "OnnniInO", &codes_object, &outer, &n, &inner, &bits, &pad_code,
+                        &blocked, &out_object))
+    return NULL;
+  Py_buffer codes_view, out_view;
+  if (view_of(codes_object, &codes_view, 0, 0, "codes") < 0) return NULL;
+  if (view_of(out_object, &out_view, 1, 4, "out") < 0) {
+    PyBuffer_Release(&codes_view);
+    return NULL;
+  }
+  PyObject *result = NULL;
+  Py_ssize_t itemsize = codes_view.itemsize, groups = (blocked + 31) / 32;
+  if (bits < 1 || bits > 8 || outer < 0 || inner < 0 || n < 0 || blocked < n ||
+      codes_view.len != outer * n * inner * itemsize ||
+      out_view.len != 4 * outer * groups * bits * inner || (pad_code >> bits) != 0) {
+    PyErr_SetString(PyExc_ValueError, "pack: inconsistent sizes");
+    goto done;
+  }
+  const void *codes = codes_view.buf;
+  uint32_t *out = out_view.buf;
+  int wide = 0;
+  Py_BEGIN_ALLOW_THREADS
+  for (Py_ssize_t o = 0; o < outer; o++)
+    for (Py_ssize_t g = 0; g < groups; g++)
+      for (Py_ssize_t i = 0; i < inner; i++) {
+        uint64_t stream = 0;
+        int filled = 0;
+        uint32_t *word = out + (o * groups * bits + g * bits) * inner + i;
+        for (Py_ssize_t k = 32 * g; k < 32 * g + 32; k++) {
+          uint32_t code = k < n ? symbol_at(codes, itemsize, (o * n + k) * inner + i)
+                                : (k < blocked ? pad_code : 0);
+          wide |= (int)(code >> bits);
+          stream |= (uint64_t)code << filled;
+          filled += bits;
+          if (filled >= 32) {
+            *word = (uint32_t)stream;
+            word += inner;
+            stream >>= 32;
+            filled -= 32;
+          }
+        }
+      }
+  Py_END_ALLOW_THREADS
+  if (wide) {
+    PyErr_Format(PyExc_ValueError, "pack: a code does not fit in %d bits", bits);
+    goto done;
+  }
+  result = Py_NewRef(Py_None);
+done:
+  PyBuffer_Release(&codes_view);
+  PyBuffer_Release(&out_view);
+  return result;
+}
+
 static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS, "Encodes chunks of symbols (see jaxquant.entropy.rans)."},
     {"decode", decode, METH_VARARGS, "Decodes chunks of symbols (see jaxquant.entropy.rans)."},
+    {"pack", pack, METH_VARARGS, "Packs decoded codes (see jaxquant.entropy.symbols)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rans",
-                                    "Chunked rANS loops of jaxquant.entropy.rans.", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_loops",
+                                    "Host loops of jaxquant.entropy.", -1, methods};
 
-PyMODINIT_FUNC PyInit__rans(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__loops(void) { return PyModule_Create(&module); }
