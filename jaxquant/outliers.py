@@ -74,6 +74,45 @@ def _split(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
 
 
 @dataclasses.dataclass(frozen=True)
+class OutlierSpec:
+  """Quantise with `spec` after taking out the largest-magnitude `fraction` of the elements as
+  sparse bfloat16 outliers (`quantise_with_outliers`; Orr et al. 2025, §4 item 9).
+
+  A rule's spec like a `QuantSpec` (`jaxquant.Rule`): the quantisation core packs the dense
+  remainder along the weight's own axis and keeps the outliers beside it.
+
+  Example:
+    >>> import jaxquant as jq
+    >>> rule = jq.Rule(".*", jq.outliers.OutlierSpec(jq.QuantSpec("nf4"), 2**-10))
+
+  Raises:
+    TypeError: `spec` is not a `QuantSpec` (or a format or its name), or `fraction` is not a
+      real number.
+    ValueError: `fraction` is outside [0, 1).
+  """
+
+  spec: QuantSpec
+  fraction: float
+
+  def __post_init__(self):
+    object.__setattr__(self, "spec", as_spec(self.spec))
+    object.__setattr__(self, "fraction", _arguments.real(
+        "fraction", self.fraction, low=0.0, high=1.0, high_open=True))
+
+  @property
+  def block_size(self):
+    return self.spec.block_size
+
+  @property
+  def axis(self) -> int:
+    return self.spec.axis
+
+  def along(self, axis: int) -> OutlierSpec:
+    """The same spec with the dense part's blocks along `axis`."""
+    return dataclasses.replace(self, spec=dataclasses.replace(self.spec, axis=axis))
+
+
+@dataclasses.dataclass(frozen=True)
 class OutlierQuantisedArray:
   """A quantised dense part plus sparse outliers in flat COO form, as a pytree.
 
@@ -105,6 +144,11 @@ class OutlierQuantisedArray:
   @property
   def size(self) -> int:
     return self.dense.size
+
+  @property
+  def axis(self) -> int:
+    """The axis the dense part's blocks run along."""
+    return self.dense.axis
 
   @property
   def n_outliers(self) -> int:
@@ -191,8 +235,8 @@ def _dequantise(q: OutlierQuantisedArray, dtype) -> jax.Array:
   return flat.reshape(q.shape).astype(q.dtype if dtype is None else dtype)
 
 
-def quantise_with_outliers(x, spec: QuantSpec | str | Callable[[jax.Array], QuantSpec],
-                           fraction: float, *, check_finite: bool = True
+def quantise_with_outliers(x, spec: QuantSpec | OutlierSpec | str | Callable[[jax.Array], QuantSpec],
+                           fraction: float | None = None, *, check_finite: bool = True
                            ) -> OutlierQuantisedArray:
   """Quantises `x` with its largest-magnitude `fraction` of elements kept as sparse outliers.
 
@@ -206,16 +250,19 @@ def quantise_with_outliers(x, spec: QuantSpec | str | Callable[[jax.Array], Quan
   Args:
     x: float32, bfloat16 or float16 array (float64 under x64) of fewer than 2^31 elements.
     spec: a `QuantSpec`, or a callable r -> `QuantSpec` called on the outlier-free remainder,
-      so that a format is fitted without the outliers (not traceable if it fits eagerly).
-    fraction: the share of elements kept as outliers, in [0, 1).
+      so that a format is fitted without the outliers (not traceable if it fits eagerly);
+      or an `OutlierSpec`, which gives both the spec and the fraction.
+    fraction: the share of elements kept as outliers, in [0, 1) (None with an `OutlierSpec`).
     check_finite: raise if `x` has NaN or ±Inf (as `quantise` does; not under `jax.jit`).
 
   Returns:
     The `OutlierQuantisedArray`; its `storage_bits` count the outliers at 48 bits each.
 
   Raises:
-    TypeError: `x` is not a float array, or `spec` is neither a `QuantSpec` nor gives one.
-    ValueError: `fraction` is outside [0, 1), `x` is too large, empty or not finite.
+    TypeError: `x` is not a float array, `spec` is neither a `QuantSpec` nor gives one, or
+      `fraction` is missing.
+    ValueError: `fraction` is outside [0, 1) or given twice, or `x` is too large, empty or
+      not finite.
 
   Example:
     >>> import jax, jaxquant as jq
@@ -227,6 +274,12 @@ def quantise_with_outliers(x, spec: QuantSpec | str | Callable[[jax.Array], Quan
     >>> oq.n_outliers, oq.bits_per_param  # (3·2^15 + 16 + 48·32) / 2^15
     (32, 3.04736328125)
   """
+  if isinstance(spec, OutlierSpec):
+    if fraction is not None:
+      raise ValueError("fraction comes from the OutlierSpec; pass fraction=None")
+    spec, fraction = spec.spec, spec.fraction
+  elif fraction is None:
+    raise TypeError("fraction is needed unless spec is an OutlierSpec")
   remainder, indices = split_outliers(x, fraction)
   spec = spec(remainder) if callable(spec) else spec
   try:

@@ -285,7 +285,7 @@ def quantise_params(params: Mapping[str, Any], rules: Rule | Sequence[Rule], *,
   found = {path: uses for path, uses in found.items() if not contraction.is_weight(shapes[path])}
   specs, _ = assign(rules, [(path, path.rpartition("/")[0]) for path in found])
   selected = {path: weights_lib.classify(path, np.shape(shapes[path]), found[path],
-                                         as_spec(specs[path]).block_size)
+                                         specs[path].block_size)
               for path in found if path in specs}
   refused = [w for w in selected.values() if w.refusal is not None]
   if refused:

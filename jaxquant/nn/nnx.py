@@ -56,7 +56,7 @@ from jaxquant.lora import LoRAWeight
 from jaxquant.nn import checkpoint
 from jaxquant.nn import rules as rules_lib
 from jaxquant.nn import weights as weights_lib
-from jaxquant.qarray import QuantSpec, as_spec
+from jaxquant.qarray import QuantSpec
 from jaxquant.qat import FakeQuantised
 
 # Set while an intercepted method runs the model's code, so methods it calls run plainly.
@@ -164,7 +164,7 @@ class QEinsum(nnx.Module):
     contracted = [a for a, c in enumerate(rhs) if c in lhs and c not in out]
     if not contracted:
       raise ValueError(f"{einsum.einsum_str!r} contracts no kernel axis")
-    axis = weights_lib.block_axis(kernel.shape, contracted, as_spec(spec).block_size)
+    axis = weights_lib.block_axis(kernel.shape, contracted, weights_lib.block_size_of(spec))
     return cls(einsum.einsum_str, weights_lib.prepare(kernel, spec, axis, mode, calibration), bias,
                dtype=einsum.dtype, backend=backend)
 
@@ -384,7 +384,7 @@ def _quantise_traced(model, rules, mode, backend, params, inputs, methods, gptq)
   found = [path for path, path_uses in uses.items() if weights_lib.is_weight_use(path_uses)]
   specs, _ = rules_lib.assign(rules, [(path, path.rpartition("/")[0]) for path in found])
   selected = [weights_lib.classify(path, abstract[path].shape, uses[path],
-                                   as_spec(specs[path]).block_size)
+                                   specs[path].block_size)
               for path in found if path in specs]
   refused = [w for w in selected if w.refusal is not None]
   if refused:

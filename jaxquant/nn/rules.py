@@ -15,12 +15,16 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 
+from jaxquant.outliers import OutlierSpec
 from jaxquant.qarray import QuantSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """Quantise the weights whose path fully matches `pattern` with `spec` (None: keep float).
+
+  `spec` is a `QuantSpec`, or a `jaxquant.outliers.OutlierSpec` to keep the largest
+  magnitudes as sparse outliers beside the packed remainder.
 
   The quantisation axis is the weight's own (a kernel's contraction axis, an embedding's
   feature axis), whatever `spec.axis` says.
@@ -31,7 +35,7 @@ class Rule:
   """
 
   pattern: str
-  spec: QuantSpec | None
+  spec: QuantSpec | OutlierSpec | None
 
   def __post_init__(self):
     if not isinstance(self.pattern, str):
@@ -40,8 +44,9 @@ class Rule:
       re.compile(self.pattern)
     except re.error as error:
       raise ValueError(f"pattern={self.pattern!r} is not a valid regex: {error}") from None
-    if self.spec is not None and not isinstance(self.spec, QuantSpec):
-      raise TypeError(f"spec must be a QuantSpec or None, got {type(self.spec).__name__}")
+    if self.spec is not None and not isinstance(self.spec, (QuantSpec, OutlierSpec)):
+      raise TypeError(f"spec must be a QuantSpec, an OutlierSpec or None, got "
+                      f"{type(self.spec).__name__}")
 
   def matches(self, path: str) -> bool:
     return re.fullmatch(self.pattern, path) is not None

@@ -10,6 +10,12 @@ Given that weight's `PartitionSpec`, `partition_specs` gives one spec per array 
   every shard holds the scales its codes need.
 - `codebook`, `scale_scales` and `offset_scales` (second-level scales): small, replicated.
 
+An `jaxquant.outliers.OutlierQuantisedArray` shards its dense part so and replicates its
+sparse outliers (`values`, `indices`) on purpose: they are a small fraction of the weight
+(2^-10 of it: 48 bits each), their flat indices address the whole weight, and every shard's
+sparse product then reads them locally with no communication; XLA keeps the part of the
+scatter each shard's output needs.
+
 So that each shard holds whole blocks and whole packed words, and its codes line up with its
 scales, a spec must satisfy:
 
@@ -60,6 +66,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxquant import packing
 from jaxquant.nn.nnx import QuantisedWeight
+from jaxquant.outliers import OutlierQuantisedArray
 from jaxquant.qarray import QuantisedArray
 
 _COMMON_BLOCK_SIZES = (32, 64, 128, 256)
@@ -134,12 +141,14 @@ def _check_divisible(q: QuantisedArray, dim: int, names: tuple[str, ...], shards
       f"shards. What works: {'; '.join(fixes)}")
 
 
-def partition_specs(q: QuantisedArray, spec: PartitionSpec,
-                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> QuantisedArray:
+def partition_specs(q: QuantisedArray | OutlierQuantisedArray, spec: PartitionSpec,
+                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
+                    ) -> QuantisedArray | OutlierQuantisedArray:
   """The `PartitionSpec` of each leaf of `q`, from the spec of the float weight it quantises.
 
   Args:
-    q: the quantised weight (its leaves may be abstract, e.g. from `jax.eval_shape`).
+    q: the quantised weight (its leaves may be abstract, e.g. from `jax.eval_shape`); an
+      `OutlierQuantisedArray`'s dense part is specified so, its outliers replicated.
     spec: the float weight's spec: per axis None, a mesh axis name or a tuple of names;
       missing trailing entries mean unsharded.
     mesh: the mesh (a `jax.sharding.Mesh`, or an `AbstractMesh`: only axis sizes are read).
@@ -154,6 +163,9 @@ def partition_specs(q: QuantisedArray, spec: PartitionSpec,
     ValueError: `spec` has too many entries, names a mesh axis the mesh lacks or one twice,
       or would split a block, a packed word group or an uneven axis across shards.
   """
+  if isinstance(q, OutlierQuantisedArray):
+    return dataclasses.replace(q, dense=partition_specs(q.dense, spec, mesh),
+                               values=PartitionSpec(), indices=PartitionSpec())
   entries = _check_spec(q, spec, mesh)
   for dim, entry in enumerate(entries):
     names = _mesh_axes(entry)
@@ -175,11 +187,12 @@ def _check_concrete(mesh) -> None:
                     "an AbstractMesh can only give specs: use partition_specs")
 
 
-def shard(q: QuantisedArray, spec: PartitionSpec, mesh: jax.sharding.Mesh) -> QuantisedArray:
+def shard(q: QuantisedArray | OutlierQuantisedArray, spec: PartitionSpec,
+          mesh: jax.sharding.Mesh) -> QuantisedArray | OutlierQuantisedArray:
   """`q` with every leaf placed on `mesh` by `partition_specs` (as `jax.device_put` does).
 
   Args:
-    q: the quantised weight.
+    q: the quantised weight (a `QuantisedArray` or `OutlierQuantisedArray`).
     spec: the float weight's `PartitionSpec` (see `partition_specs`).
     mesh: a concrete `jax.sharding.Mesh`.
 

@@ -30,6 +30,7 @@ from jaxquant.formats import lut_format
 from jaxquant.interception import Use
 from jaxquant.lora import LoRAWeight
 from jaxquant.nn.rules import Rule, assign
+from jaxquant.outliers import OutlierQuantisedArray, OutlierSpec, quantise_with_outliers
 from jaxquant.qarray import QuantisedArray, QuantSpec, as_spec, quantise
 from jaxquant.qat import FakeQuantised
 
@@ -116,12 +117,23 @@ def calibrated(paths: Sequence[str], calibration: Mapping[str, SecondMoment] | N
           if path in calibration}
 
 
-def prepare(value, spec: QuantSpec, axis: int, mode: str, calibration: Calibrated | None = None):
+def block_size_of(spec) -> int | str:
+  """The block size (or granularity) of a `QuantSpec`, format (name) or `OutlierSpec`."""
+  return (spec if isinstance(spec, OutlierSpec) else as_spec(spec)).block_size
+
+
+def prepare(value, spec: QuantSpec | OutlierSpec, axis: int, mode: str,
+            calibration: Calibrated | None = None):
   """The weight for a float `value`: packed (``"ptq"``; by GPTQ with `calibration`, else by
-  rounding to nearest) or a `FakeQuantised` master weight (``"qat"``), blocks along `axis`
-  whatever `spec.axis` says."""
-  spec = dataclasses.replace(as_spec(spec), axis=axis)
+  rounding to nearest; with sparse outliers for an `OutlierSpec`) or a `FakeQuantised` master
+  weight (``"qat"``), blocks along `axis` whatever `spec.axis` says."""
   value = jnp.asarray(value)
+  if isinstance(spec, OutlierSpec):
+    if mode != "ptq" or calibration is not None:
+      raise ValueError("an OutlierSpec packs weights by rounding to nearest (mode='ptq', no "
+                       "GPTQ calibration); QAT and GPTQ take a QuantSpec")
+    return quantise_with_outliers(value, spec.along(axis))
+  spec = dataclasses.replace(as_spec(spec), axis=axis)
   if calibration is not None:
     if mode != "ptq":
       raise ValueError("GPTQ (a calibration) packs weights once, mode='ptq'; QAT weights "
@@ -188,13 +200,16 @@ def select_sites(rules, sites: Sequence[AdapterSite]) -> list[AdapterSite]:
   return selected
 
 
-def spec_of(q: QuantisedArray) -> QuantSpec:
+def spec_of(q: QuantisedArray | OutlierQuantisedArray) -> QuantSpec | OutlierSpec:
   """The `QuantSpec` that packs like `q`, as far as `q` records it: its codebook (distinct
   values), block size or granularity, axis and scale storage, with absmax scaling, signmax
   when its scales carry signs (int8 double-quantisation codes, or a negative scale), or
-  minmax when it has offsets. How the
+  minmax when it has offsets; for an `OutlierQuantisedArray`, the `OutlierSpec` of its dense
+  part's spec with its share of outliers. How the
   scales were chosen is not recorded (a `QuantisedArray` keeps no scaling name): an rms base,
   or one quantised with a scale search, needs the rules it was quantised with."""
+  if isinstance(q, OutlierQuantisedArray):
+    return OutlierSpec(spec_of(q.dense), q.n_outliers / q.size)
   values = np.unique(np.asarray(q.codebook, np.float64))
   signed = q.scales.dtype == jnp.int8 or bool(jnp.any(q.decoded_scales() < 0))
   chosen = "minmax" if q.offsets is not None else "signmax" if signed else "absmax"
