@@ -245,3 +245,34 @@ def test_fit_grid_refuses_a_target_that_is_not_a_positive_number(kwargs, error, 
   x = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32)
   with pytest.raises(error, match=match):
     fit_grid(x, **kwargs)
+
+
+def test_grid_with_outliers_spends_the_bits_a_255_point_grid_cannot():
+  # Normal weights with a few values 200 RMS out: a grid spanning them stays far below 4 bits.
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal(2**16).astype(np.float32)
+  x[rng.choice(x.size, 5, replace=False)] = 200.0 * rng.choice([-1.0, 1.0], 5)
+  _, alone = fit_grid(x, 4.0)
+  short = entropy.coded_size(jq.quantise(x, alone))["ideal_bits_per_param"]
+  assert short < 3.0
+  fmt, spec = jq.fitting.fit_grid_with_outliers(x, 4.0)
+  oq = jq.outliers.quantise_with_outliers(x, spec)
+  assert 1 <= oq.n_outliers <= 5 and spec.spec.format == fmt
+  # The size: the dense codes' ideal rate (computed directly) plus 48 bits per outlier.
+  dense_bits = _ideal_rate(oq.dense) * x.size
+  total = (dense_bits + 48 * oq.n_outliers) / x.size
+  assert 3.99 <= total <= 4.0
+  # The smallest such n: with one outlier fewer even the finest unclipped grid falls short.
+  n = oq.n_outliers - 1
+  remainder, _ = jq.outliers.split_outliers(x, n / x.size)
+  budget = 4.0 - 48 * n / x.size
+  finest = jq.quantise(remainder, fit_grid(remainder, budget)[1])
+  assert _ideal_rate(finest) < budget - 0.01
+  error = lambda q: float(jq.metrics.relative_rmse(x, q.dequantise()))
+  assert error(oq) < error(jq.quantise(x, alone)) / 4
+
+
+def test_grid_with_outliers_takes_none_when_the_grid_suffices():
+  x = np.random.default_rng(12).standard_normal(2**14).astype(np.float32)
+  fmt, spec = jq.fitting.fit_grid_with_outliers(x, 4.0)
+  assert spec.fraction == 0.0 and spec.spec == fit_grid(x, 4.0)[1]

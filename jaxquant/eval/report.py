@@ -6,7 +6,8 @@ Lloyd–Max codebooks, the step of an entropy-coded grid), and the report record
 
 - bits per parameter over the quantised layers: codes plus scales for fixed-length formats;
   the coded size (ideal coder or rANS, with scales, code table and checks) for entropy-coded
-  grids; the dense part plus 48 bits per outlier for sparse outliers;
+  grids, plus 48 bits per sparse outlier where a grid of 255 points cannot spend the bits;
+  the dense part plus 48 bits per outlier for CRD-t with sparse outliers;
 - the mean weight error R = ‖ŵ − w‖/‖w‖, averaged over layers weighted by their size;
 - the model metric (MiniLM: 1 − cosine between float and quantised sentence embeddings;
   SmolLM2: top-128 next-token KL to the float model, in nats);
@@ -126,13 +127,16 @@ def _device_bytes(tree) -> int:
 
 
 def _entropy_grid(coder):
-  """Tensor RMS + an odd uniform grid whose ideal-coded rate meets the bits; `coder` sizes it."""
+  """Tensor RMS + an odd uniform grid, with sparse outliers where 255 points cannot spend the
+  bits (`fit_grid_with_outliers`), whose ideal-coded size meets the bits; `coder` sizes the
+  dense codes, the outliers cost 48 bits each."""
   def encode(w, bits, block_size):
     del block_size
-    _, spec = jq.fitting.fit_grid(w, bits, scaling="rms", axis=0)
-    q = jq.quantise(w, spec)
-    size = entropy.coded_size(q)[f"{coder}_bits_per_param"] * q.size
-    return Stored(q.dequantise(jnp.float32), size, _device_bytes(q))
+    _, spec = jq.fitting.fit_grid_with_outliers(w, bits, axis=0)
+    oq = outliers.quantise_with_outliers(w, spec)
+    size = (entropy.coded_size(oq.dense)[f"{coder}_bits_per_param"] * oq.size
+            + oq.storage_bits - oq.dense.storage_bits)
+    return Stored(oq.dequantise(jnp.float32), size, _device_bytes(oq))
   return encode
 
 

@@ -7,6 +7,8 @@ e/√6 ≈ 1.110 for a Laplace and ≈ 1.138 for a Student-t with ν = 5, agains
 2.565 for the best fixed-length codebooks. `fit_grid` finds the grid (per tensor or per block)
 that meets a bits-per-element target, for rms scaling by a search over the grid step that
 clips the largest values when that pays; its rates are those of `jaxquant.entropy`.
+`fit_grid_with_outliers` spends the bits a grid of at most 255 points cannot, by keeping the
+values beyond it as sparse outliers (§4 item 9).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import _arguments
+from jaxquant import _arguments, outliers
 from jaxquant import scaling as scaling_lib
 from jaxquant.entropy import sizes, symbols
 from jaxquant.formats import Format, lut_format, uniform_grid
@@ -259,3 +261,76 @@ def fit_grid(x, bits_per_param: float, *, scaling: str = "rms", block_size="tens
       return spec.format, spec
   raise RuntimeError(f"no grid the search accepted keeps a rate ≤ {bits_per_param=} once "
                      "quantised: its histogram disagrees with quantise")
+
+
+# Bits of one sparse outlier: its bfloat16 correction and its int32 flat index.
+OUTLIER_BITS = 8 * (jnp.dtype(outliers.VALUE_DTYPE).itemsize + jnp.dtype(outliers.INDEX_DTYPE).itemsize)
+# The largest share of outliers the search considers.
+MAX_OUTLIER_FRACTION = 2**-4
+
+
+def fit_grid_with_outliers(x, bits_per_param: float, *, block_size="tensor", axis: int = 0,
+                           scale_dtype=None) -> tuple[Format, outliers.OutlierSpec]:
+  """The rms grid plus sparse outliers whose size meets `bits_per_param`, outliers only where
+  a grid of at most 2·`MAX_HALF_N` + 1 points cannot spend the bits.
+
+  Orr et al. 2025 (§1 and §4 item 9). An odd uniform grid that spans ±max|y| (y = x/s, s the
+  block RMS; `fit_grid`) has at most 255 points, so on a tensor with outliers its finest
+  unclipped rate r(0) can fall short of the target b. Taking the n largest |xᵢ| out
+  (`jaxquant.outliers.split_outliers`, 48 bits each: `OUTLIER_BITS`) shrinks the span, so the
+  finest unclipped grid of the remainder reaches r(n) + 48·n/N, which grows with n. The n
+  chosen is the smallest with r(n) + 48·n/N ≥ b (bisection over n ≤ `MAX_OUTLIER_FRACTION`·N;
+  n = 0 when r(0) ≥ b), and the remainder gets `fit_grid`'s grid for b − 48·n/N. Unlike
+  clipping (`fit_grid(..., clip=True)`), no value is moved: an outlier is kept to bfloat16
+  precision.
+
+  Args:
+    x: the tensor (any shape, finite, not all zero or subnormal).
+    bits_per_param: the target average bits per element, scales and outliers included.
+    block_size: an int (blocks along `axis`), ``"channel"`` or ``"tensor"``.
+    axis: the axis blocks run along.
+    scale_dtype: how scales are stored; default float32 per tensor, else bfloat16.
+
+  Returns:
+    (format, spec): the remainder's grid, and the `jaxquant.outliers.OutlierSpec` of its
+    `QuantSpec` (rms scaling) with the share of outliers n/N, for
+    `jaxquant.outliers.quantise_with_outliers` or a `jaxquant.Rule`. Its ideal-coded size,
+    the dense codes' plus 48 bits per outlier, is at most `bits_per_param` per element.
+
+  Raises:
+    ValueError: as `fit_grid`; or even `MAX_OUTLIER_FRACTION`·N outliers leave the target out
+      of reach.
+  """
+  bits_per_param = _arguments.real("bits_per_param", bits_per_param, low=0.0, low_open=True)
+  x = jnp.asarray(_arguments.fitting_input(x))
+  scale_dtype = scale_dtype or ("float32" if block_size == "tensor" else "bfloat16")
+  probe = QuantSpec(_rms_format(np.array([-1.0, 0, 1])), block_size=block_size, scaling="rms",
+                    scale_dtype=scale_dtype, axis=axis)
+  flat = np.asarray(x).reshape(-1)
+  order = np.argsort(-np.abs(flat), kind="stable")  # split_outliers' order: ties by index
+
+  def remainder(n: int) -> jax.Array:
+    kept = flat.copy()
+    kept[order[:n]] = 0
+    return jnp.asarray(kept.reshape(x.shape))
+
+  def reach(n: int) -> float:  # the finest unclipped grid's rate, plus the outliers
+    y, scale_bits = _scaled_values(remainder(n), probe)
+    half_n = MAX_HALF_N
+    step = float(jnp.max(jnp.abs(y))) / half_n
+    return _grid_rate(y, step * np.arange(-half_n, half_n + 1), scale_bits) + (
+        OUTLIER_BITS * n / flat.size)
+
+  low, high = 0, int(MAX_OUTLIER_FRACTION * flat.size)
+  if reach(low) < bits_per_param:
+    if reach(high) < bits_per_param:
+      raise ValueError(f"{bits_per_param=} is out of reach even with {high} outliers "
+                       f"({MAX_OUTLIER_FRACTION:g} of the tensor)")
+    while high - low > 1:  # reach(low) < target <= reach(high)
+      middle = (low + high) // 2
+      low, high = (middle, high) if reach(middle) < bits_per_param else (low, middle)
+    low = high
+  n = low
+  fmt, spec = fit_grid(remainder(n), bits_per_param - OUTLIER_BITS * n / flat.size,
+                       scaling="rms", block_size=block_size, axis=axis, scale_dtype=scale_dtype)
+  return fmt, outliers.OutlierSpec(spec, n / flat.size)
