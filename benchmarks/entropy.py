@@ -46,7 +46,7 @@ def _median_seconds(run, repeats: int) -> float:
 def codec(size: int = 2**24, repeats: int = 5) -> None:
   rng = np.random.default_rng(0)
   x = rng.standard_normal(size)
-  print(f"| alphabet | threads | encode M codes/s | decode M codes/s | stored / ideal |")
+  print("| alphabet | threads | encode M codes/s | decode M codes/s | stored / ideal |")
   print("|---|---|---|---|---|")
   for n_symbols in (16, 255):
     symbols = np.clip(np.round((x + 4) / 8 * (n_symbols - 1)), 0, n_symbols - 1).astype(np.uint8)

@@ -235,7 +235,8 @@ def _dequantise(q: OutlierQuantisedArray, dtype) -> jax.Array:
   return flat.reshape(q.shape).astype(q.dtype if dtype is None else dtype)
 
 
-def quantise_with_outliers(x, spec: QuantSpec | OutlierSpec | str | Callable[[jax.Array], QuantSpec],
+def quantise_with_outliers(x, spec: QuantSpec | OutlierSpec | str
+                           | Callable[[jax.Array], QuantSpec],
                            fraction: float | None = None, *, check_finite: bool = True
                            ) -> OutlierQuantisedArray:
   """Quantises `x` with its largest-magnitude `fraction` of elements kept as sparse outliers.

@@ -9,8 +9,15 @@ import orbax.checkpoint as ocp
 import pytest
 from entropy_reference import ideal_rate
 from flax import nnx
-from test_checkpoint import (IDS, Model, abstract_quantised, assert_trees_identical, data_files,
-                             edit_metadata, linen_params)
+from test_checkpoint import (
+  IDS,
+  Model,
+  abstract_quantised,
+  assert_trees_identical,
+  data_files,
+  edit_metadata,
+  linen_params,
+)
 
 import jaxquant as jq
 from jaxquant.nn import checkpoint

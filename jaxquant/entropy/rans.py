@@ -1,10 +1,11 @@
 """Chunked rANS: symbol streams coded within a fraction of a percent of their entropy.
 
 Range asymmetric numeral systems (Duda 2013, arXiv:1311.2540) with a 64-bit state and 32-bit
-words (word-wise renormalisation as in Giesen 2014, arXiv:1402.3392, §2), the loops in C (`jaxquant/entropy/_loops.c`, which
-states the recurrences). The symbols are cut into chunks of `chunk_size` (the last may be
-shorter), each coded on its own from the state L = 2^32, so chunks decode independently and in
-parallel threads, and a damaged chunk is found without reading the others.
+words (word-wise renormalisation as in Giesen 2014, arXiv:1402.3392, §2), the loops in C
+(`jaxquant/entropy/_loops.c`, which states the recurrences). The symbols are cut into chunks
+of `chunk_size` (the last may be shorter), each coded on its own from the state L = 2^32, so
+chunks decode independently and in parallel threads, and a damaged chunk is found without
+reading the others.
 
 A `CodedStream` stores, for N symbols over an alphabet of K:
 
@@ -16,9 +17,11 @@ A `CodedStream` stores, for N symbols over an alphabet of K:
 - ``crcs`` (uint32 [m]): chunk j's CRC-32 (zlib's, RFC 1952 §8) of its stream's bytes, seeded
   with the CRC-32 of the context ``frequencies ‖ N, chunk_size, n, j`` (big-endian uint64s),
   so a chunk moved, or paired with another model or length, fails its check as a flipped bit
-  does. A chunk's stream is 4·(2 + the words its symbols emitted) bytes; at 4 bits per
-  code a default chunk's is about 32 KiB = 262 144 bits, where CRC-32 detects every error of at most 3 bits (Hamming distance 4 up to
-  91 607 bits; Koopman 2002, DSN, Table 1) and every burst of at most 32.
+  does. A chunk's stream is 4·(2 + the words its symbols emitted) bytes, about 32 KiB =
+  262 144 bits at 4 bits per code. On words that long CRC-32 detects every error of at most 2
+  bits (Hamming distance 3 up to about 2^32 bits; distance 4 holds only up to 91 607 bits:
+  Koopman 2002, DSN, Table 1), every burst of at most 32 bits, and any other error but with
+  probability 2^-32.
 
 The decoder also checks that each chunk ends in the state L with all its words read, which a
 corrupt chunk almost never does. Cost beyond the ideal code length Σ -log2 f(cᵢ)/2^n: under

@@ -264,7 +264,8 @@ def fit_grid(x, bits_per_param: float, *, scaling: str = "rms", block_size="tens
 
 
 # Bits of one sparse outlier: its bfloat16 correction and its int32 flat index.
-OUTLIER_BITS = 8 * (jnp.dtype(outliers.VALUE_DTYPE).itemsize + jnp.dtype(outliers.INDEX_DTYPE).itemsize)
+OUTLIER_BITS = 8 * (jnp.dtype(outliers.VALUE_DTYPE).itemsize
+                    + jnp.dtype(outliers.INDEX_DTYPE).itemsize)
 # The largest share of outliers the search considers.
 MAX_OUTLIER_FRACTION = 2**-4
 
