@@ -10,6 +10,7 @@ Every check runs; the script prints each failure with its traceback and exits 1 
 
 import dataclasses
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -169,6 +170,39 @@ def sharded_nnx_model_matches_unsharded():
   y = forward(model, jax.device_put(x, NamedSharding(the_mesh, P("data", None))))
   assert_close(y, expected)
   assert_sharding(y, the_mesh, P("data", None))
+
+
+@check
+def outlier_weights_shard_their_dense_part_and_replicate_the_outliers():
+  q = jq.outliers.quantise_with_outliers(jax.random.t(jax.random.key(3), 3.0, (1024, 512)), NF4,
+                                         2**-10)
+  x = activations(1024)
+  expected = jq.qmatmul(x, q)
+  the_mesh = mesh()
+  xs = jax.device_put(x, NamedSharding(the_mesh, P("data", None)))
+  for layout in (COLUMN, ROW):
+    sharded = sharding.shard(q, layout, the_mesh)
+    assert_sharding(sharded.dense.codes, the_mesh, layout)
+    assert sharded.values.sharding.is_fully_replicated
+    assert sharded.indices.sharding.is_fully_replicated
+    assert_close(jax.jit(jq.qmatmul)(xs, sharded), expected)
+
+
+@check
+def entropy_coded_checkpoints_restore_into_sharded_targets():
+  q = weight((1024, 512), jq.QuantSpec(jq.formats.uniform_grid(31), block_size=64, axis=0))
+  the_mesh = mesh()
+  with tempfile.TemporaryDirectory() as directory:
+    jq.checkpoint.save(f"{directory}/c", {"w": q}, entropy_coded=True)
+    assert "coded" in jq.checkpoint.read_metadata(f"{directory}/c")["leaves"]["w"]
+    specs = sharding.partition_specs(q, COLUMN, the_mesh)
+    target = {"w": jax.tree.map(
+        lambda leaf, spec: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                sharding=NamedSharding(the_mesh, spec)),
+        q, specs)}
+    restored = jq.checkpoint.restore(f"{directory}/c", target)["w"]
+  assert_sharding(restored.codes, the_mesh, COLUMN)
+  np.testing.assert_array_equal(np.asarray(restored.codes), np.asarray(q.codes))
 
 
 @check
