@@ -12,6 +12,7 @@
     jaxquant quantise --model smollm2 --format int-signmax --bits 3 --method gptq --out q3
     jaxquant quantise --model minilm --format nf4 --bits 4 --method rtn --out nf4 \
         --export-dequantised nf4/weights.safetensors
+    jaxquant quantise --model smollm2 --format nf4 --bits 4 --method rtn --entropy-coded
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="GPTQ in activation order (default: on)")
   quantise.add_argument("--damping", type=float, default=0.01,
                         help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+  quantise.add_argument("--entropy-coded", action="store_true",
+                        help="store the codes rANS-coded in the checkpoint (smaller; decoded "
+                        "when restored)")
   quantise.add_argument("--out", type=pathlib.Path, default=pathlib.Path("jaxquant-quantised"),
                         help="folder for the checkpoint and quantise.json")
   quantise.add_argument("--export-dequantised", type=pathlib.Path, metavar="FILE",
@@ -213,7 +217,7 @@ def _quantise(task, args) -> int:
   settings = quantise.Settings(
       model=args.model, format=args.format, bits=args.bits, method=args.method,
       block_size=args.block_size, calibration_tokens=args.calibration_tokens,
-      act_order=args.act_order, damping=args.damping)
+      act_order=args.act_order, damping=args.damping, entropy_coded=args.entropy_coded)
   text = (args.calibration_file.read_text(encoding="utf-8") if args.calibration_file
           else None)
   try:
@@ -228,9 +232,10 @@ def _quantise(task, args) -> int:
                      if name != outcome.metric)
   print(f"{task.name}: {args.format} {args.bits}-bit, block {args.block_size}, "
         f"{args.method}{order}: {outcome.layers} layers")
+  coded = " entropy-coded" if args.entropy_coded else ""
   print(f"bits per parameter {outcome.bits_per_param:.3f} · quantised layers "
-        f"{outcome.quantised_mib:.2f} MiB on device · checkpoint {on_disk / 2**20:.1f} MiB "
-        "(with the layers kept in float)")
+        f"{outcome.quantised_mib:.2f} MiB on device · checkpoint{coded} "
+        f"{on_disk / 2**20:.1f} MiB (with the layers kept in float)")
   print(f"{outcome.metric} {outcome.scores[outcome.metric]:.5f} ({scores}) on the report's "
         "evaluation data")
   if args.export_dequantised is not None:

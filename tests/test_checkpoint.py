@@ -390,6 +390,18 @@ def data_files(path):
   return sorted(files, key=os.path.getsize)
 
 
+def flip_stored_bit(path, snippet: bytes, mask: int) -> None:
+  """XORs `mask` into the first byte of `snippet` where the checkpoint at `path` stores it."""
+  for name in data_files(path):
+    with open(name, "r+b") as file:
+      offset = file.read().find(snippet)
+      if offset >= 0:
+        file.seek(offset)
+        file.write(bytes([snippet[0] ^ mask]))
+        return
+  pytest.fail("the snippet is not stored verbatim in any data file of the checkpoint")
+
+
 def test_truncated_array_file_raises(scratch):
   """Runs in a child process: when one read fails, orbax abandons its other reads, which later
   raise from the garbage collector and tensorstore's threads (unraisable exceptions, whenever
@@ -416,15 +428,7 @@ def test_flipped_bits_in_array_file_raise(saved, scratch):
   """orbax reads a flipped bit back as a wrong value without complaint; the checksums catch it."""
   codes = np.asarray(saved[0].up.kernel.get_value().codes).tobytes()
   snippet = codes[len(codes) // 2:len(codes) // 2 + 64]  # Stored verbatim (incompressible).
-  for name in data_files(scratch):
-    with open(name, "r+b") as file:
-      offset = file.read().find(snippet)
-      if offset >= 0:
-        file.seek(offset)
-        file.write(bytes([snippet[0] ^ 0x10]))
-        break
-  else:
-    pytest.fail("the packed codes of up/kernel are not stored verbatim in any data file")
+  flip_stored_bit(scratch, snippet, 0x10)
   with ocp.StandardCheckpointer() as checkpointer:
     silently_wrong = checkpointer.restore(scratch / "arrays")["up"]["kernel"]["codes"]
   assert np.asarray(silently_wrong).tobytes() != codes

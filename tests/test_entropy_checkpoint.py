@@ -14,8 +14,8 @@ from test_checkpoint import (
   Model,
   abstract_quantised,
   assert_trees_identical,
-  data_files,
   edit_metadata,
+  flip_stored_bit,
   linen_params,
 )
 
@@ -120,16 +120,7 @@ def coded_scratch(coded, tmp_path):
 def test_flipped_bits_in_the_stream_raise(coded, coded_scratch):
   model = coded[0]
   words = jq.entropy.compress(model.up.kernel.get_value()).stream.words.tobytes()
-  snippet = words[len(words) // 2:len(words) // 2 + 64]  # rANS words are stored verbatim
-  for name in data_files(coded_scratch):
-    with open(name, "r+b") as file:
-      offset = file.read().find(snippet)
-      if offset >= 0:
-        file.seek(offset)
-        file.write(bytes([snippet[0] ^ 0x01]))
-        break
-  else:
-    pytest.fail("the coded words of up/kernel are not stored verbatim in any data file")
+  flip_stored_bit(coded_scratch, words[len(words) // 2:len(words) // 2 + 64], 0x01)
   with pytest.raises(ValueError, match="array 'up/kernel/coded' of the checkpoint at "
                                        ".*scratch does not match its checksum"):
     checkpoint.restore(coded_scratch, abstract_quantised(RULES))

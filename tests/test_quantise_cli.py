@@ -50,8 +50,11 @@ def test_minilm_by_rtn_and_gptq_restores_and_exports(tmp_path, capsys):
 
   from jaxquant.eval import quantise, tasks  # pylint: disable=import-outside-toplevel
   from jaxquant.eval.models import minilm  # pylint: disable=import-outside-toplevel
+  from jaxquant.nn import checkpoint  # pylint: disable=import-outside-toplevel
   common = ["--model", "minilm", "--format", "int-signmax", "--bits", "3"]
-  _quantise(common + ["--method", "rtn", "--out", str(tmp_path / "rtn")], capsys)
+  coded = _quantise(common + ["--method", "rtn", "--entropy-coded",
+                              "--out", str(tmp_path / "rtn")], capsys)
+  assert "checkpoint entropy-coded" in coded
   out = _quantise(common + ["--out", str(tmp_path / "gptq"),
                             "--export-dequantised", str(tmp_path / "gptq.safetensors")], capsys)
   assert "bits per parameter 3.250" in out and "36 layers" in out and "act order" in out
@@ -62,6 +65,14 @@ def test_minilm_by_rtn_and_gptq_restores_and_exports(tmp_path, capsys):
   task = tasks.load_task("minilm")
   restored = quantise.restore(tmp_path / "gptq", task)
   assert task.score(restored)["1 - cosine"] == pytest.approx(metric("gptq"), rel=1e-6)
+  # --entropy-coded: every quantised kernel's codes stored coded, smaller, and restored exactly.
+  coded = checkpoint.read_metadata(tmp_path / "rtn" / "checkpoint")
+  kernels = [entry for entry in coded["leaves"].values() if "coded" in entry]
+  assert len(kernels) == 36
+  assert coded["sizes"]["coded"] < coded["sizes"]["fixed"]
+  assert "sizes" not in checkpoint.read_metadata(tmp_path / "gptq" / "checkpoint")
+  restored_rtn = quantise.restore(tmp_path / "rtn", task)
+  assert task.score(restored_rtn)["1 - cosine"] == pytest.approx(metric("rtn"), rel=1e-6)
   # Every quantised kernel under its safetensors name, in torch's [out, in] orientation.
   exported = load_file(str(tmp_path / "gptq.safetensors"))
   original = load_file(str(minilm._model_dir(None) / "model.safetensors"))  # noqa: SLF001

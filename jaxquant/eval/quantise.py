@@ -5,7 +5,7 @@ The task's Linear layers (those the report quantises) get one format at `bits` w
 (`jaxquant.eval.report.choice_for`). With ``method="gptq"`` the model is first calibrated on
 text that is not the evaluation text (`jaxquant.eval.text.calibration_text`, or a user's
 file), then each layer is packed by GPTQ in act order (`jaxquant.gptq`). The quantised model
-is saved with `jaxquant.checkpoint.save`, next to ``quantise.json`` (what was run, and the
+is saved with `jaxquant.checkpoint.save` (entropy-coded when asked), next to ``quantise.json`` (what was run, and the
 results); `restore` reads both back. `export_dequantised` writes every quantised weight,
 dequantised to float32, under the model file's own tensor name and orientation, for tools
 outside jaxquant.
@@ -39,6 +39,7 @@ class Settings:
   calibration_tokens: int | None = None  # None: the task's default
   act_order: bool = True
   damping: float = 0.01
+  entropy_coded: bool = False  # codes stored rANS-coded where that is smaller
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,8 @@ def quantise(task: tasks.Task, settings: Settings, calibration_text: str | None 
 
 def save(model, settings: Settings, outcome: Outcome, out: pathlib.Path) -> None:
   """The checkpoint in `out`, with `SETTINGS` (the settings and the outcome) beside it."""
-  jq.checkpoint.save(out / "checkpoint", model, overwrite=True)
+  jq.checkpoint.save(out / "checkpoint", model, overwrite=True,
+                     entropy_coded=settings.entropy_coded)
   (out / SETTINGS).write_text(json.dumps(
       {"settings": dataclasses.asdict(settings), "outcome": dataclasses.asdict(outcome)},
       indent=1, ensure_ascii=False))
