@@ -7,12 +7,16 @@ Backends, each with a pure-jnp definition beside it (tests compare them with "re
 - ``"reference"``: dequantise the weight, then one dense float32 dot (the oracle).
 - ``"xla"``: a loop over slabs of the weight that unpacks, looks up, scales and contracts one
   slab at a time, for every contraction (`jaxquant.kernels.xla`); the path for CPUs.
+- ``"cpu"``: the native CPU kernel for x[M, K] @ W[K, N] (`jaxquant.kernels.cpu`, an XLA FFI
+  handler compiled at install), for the same contractions as ``"pallas"``.
 - ``"pallas"``: the platform's Pallas kernel for x[M, K] @ W[K, N] (Triton on GPU,
   `pallas_gpu`; Mosaic on TPU, `pallas_tpu`; on CPU the GPU kernel in interpret mode, for
   tests). It takes contractions that are that product without moving a code: W contracted
   on its packed axis 0 alone, no batch axes (W's other axes are flattened into N). Block
   offsets (minmax scaling) are added outside the kernels (`offset_product`).
-- ``"auto"``: on CPU ``"xla"``. On GPU and TPU, for a contraction the kernel takes, the
+- ``"auto"``: on CPU ``"cpu"`` for a contraction it takes with M ≤ `AUTO_CPU_MAX_M` (beyond,
+  the XLA loop's dense slab dots are the faster path, `benchmarks/matmul.py`; where the
+  extension is not built auto says so once), else ``"xla"``. On GPU and TPU, for a contraction the kernel takes, the
   Pallas kernel where it is the faster path, else dequantise and one dense dot. GPU: where
   the kernel beat dequantise-then-dot when measured at the nearest shape
   (`jaxquant.kernels.gpu_tuning`, a committed table written by `benchmarks/gpu_sweep.sh`).
@@ -36,15 +40,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.kernels import gpu_tuning, reference, xla
+from jaxquant.kernels import cpu, gpu_tuning, reference, xla
 from jaxquant.kernels.dimensions import Contraction
 from jaxquant.qarray import QuantisedArray, dequantise
 
-BACKENDS = ("auto", "reference", "xla", "pallas")
+BACKENDS = ("auto", "reference", "xla", "cpu", "pallas")
 PALLAS_ACTIVATION_DTYPES = ("float32", "bfloat16")
 # Largest M for which "auto" uses the Pallas kernel on TPU: where the 4-bit weight stream stops
 # dominating (kernels.md §2.2: M_crit ≈ 64 on v5e at 4.25 bits); not yet measured.
 AUTO_PALLAS_MAX_M = {"tpu": 64}
+# Largest M for which "auto" uses the native CPU kernel: it was the faster path up to M = 32 and
+# the XLA loop from M = 64 on (K = N ∈ {576, 1024, 4096}, NF4, benchmarks/RESULTS.md).
+AUTO_CPU_MAX_M = 32
 _PALLAS_PLATFORMS = ("gpu", "tpu")
 _SAID = set()
 
@@ -85,10 +92,11 @@ def contract_transposed(g: jax.Array, q: QuantisedArray, contraction: Contractio
                         backend: str = "auto") -> jax.Array:
   """The cotangent of x for `contract(x, q, contraction)` and output cotangent `g` (float32).
 
-  The product is not the kernel's x @ W, so a "pallas" forward is differentiated by "auto".
+  The product is not the kernel's x @ W, so a "pallas" or "cpu" forward is differentiated by
+  "auto".
   """
   backward, to_x = contraction.transposed()
-  backend = "auto" if backend == "pallas" else backend
+  backend = "auto" if backend in ("pallas", "cpu") else backend
   return jnp.transpose(_forward(g, q, backward, backend), to_x)
 
 
@@ -97,14 +105,19 @@ def _forward(x, q: QuantisedArray, contraction: Contraction, backend: str) -> ja
     return reference.dot_general_reference(x, q, contraction)
   if backend == "xla":
     return xla.dot_general_xla(x, q, contraction)
-  if backend == "pallas":
-    return _pallas(x, q, contraction)
+  if backend in ("pallas", "cpu"):
+    return _matrix_product(x, q, contraction, backend)
   platform = jax.default_backend()
   if platform not in _PALLAS_PLATFORMS:
-    return xla.dot_general_xla(x, q, contraction)
+    if not _is_kernel_product(q, contraction) or _rows(x, contraction) > AUTO_CPU_MAX_M:
+      return xla.dot_general_xla(x, q, contraction)
+    if not cpu.available():
+      _say_once(f"backend='auto' uses the XLA loop on CPU: {cpu.MISSING}")
+      return xla.dot_general_xla(x, q, contraction)
+    return _matrix_product(x, q, contraction, "cpu")
   if _is_kernel_product(q, contraction) and _pallas_is_faster(platform, _rows(x, contraction), q):
     try:
-      return _pallas(x, q, contraction)
+      return _matrix_product(x, q, contraction, "pallas")
     except NotImplementedError as error:
       _say_once(f"backend='auto' dequantises the weight and uses a dense dot on {platform}: "
                 f"{error}")
@@ -134,17 +147,29 @@ def _pallas_is_faster(platform: str, rows: int, q: QuantisedArray) -> bool:
   return gpu_tuning.pallas_is_faster(max(rows, 1), q.shape[0], math.prod(q.shape[1:]), q.bits)
 
 
-def _pallas(x, q: QuantisedArray, contraction: Contraction) -> jax.Array:
+def _matrix_product(x, q: QuantisedArray, contraction: Contraction, backend: str) -> jax.Array:
+  """The contraction as the `backend` kernel's x[M, K] @ W[K, N] (x's free axes flattened into
+  M, W's into N)."""
   if not _is_kernel_product(q, contraction):
     raise NotImplementedError(
-        "the Pallas kernels compute x[M, K] @ W[K, N] for a weight contracted on its packed "
-        f"axis 0 alone; this contraction ({contraction.dimension_numbers} with the weight "
-        f"quantised along axis {q.axis}) is not one: use backend 'xla' or 'auto'")
+        f"the {backend!r} kernels compute x[M, K] @ W[K, N] for a weight contracted on its "
+        f"packed axis 0 alone; this contraction ({contraction.dimension_numbers} with the "
+        f"weight quantised along axis {q.axis}) is not one: use backend 'xla' or 'auto'")
   k_axis = contraction.x_contracting[0]
   rows = jnp.moveaxis(x, k_axis, -1)
-  matrix = as_matrix(q)
-  y = qmatmul_pallas(rows.reshape(-1, q.shape[0]), matrix)
+  kernel = qmatmul_pallas if backend == "pallas" else qmatmul_cpu
+  y = kernel(rows.reshape(-1, q.shape[0]), as_matrix(q))
   return y.reshape(rows.shape[:-1] + q.shape[1:])
+
+
+def qmatmul_cpu(x: jax.Array, q: QuantisedArray, **options) -> jax.Array:
+  """x[M, K] @ W[K, N] in float32 by the CPU kernel (`jaxquant.kernels.cpu.qmatmul_cpu`, which
+  takes `options`); block offsets are added by `offset_product`."""
+  return _plus_offsets(x, q, cpu.qmatmul_cpu(x, q.symmetric_part(), **options))
+
+
+def _plus_offsets(x: jax.Array, q: QuantisedArray, symmetric_product: jax.Array) -> jax.Array:
+  return symmetric_product if q.offsets is None else symmetric_product + offset_product(x, q)
 
 
 def as_matrix(q: QuantisedArray) -> QuantisedArray:
@@ -185,7 +210,7 @@ def qmatmul_pallas(x: jax.Array, q: QuantisedArray) -> jax.Array:
     from jaxquant.kernels.pallas_gpu import qmatmul_pallas_gpu as kernel  # pylint: disable=import-outside-toplevel
   y = kernel(*kernel_operands(x, q.symmetric_part(), platform), bits=q.bits,
              block_size=q.block_size, interpret=platform == "cpu")
-  return y if q.offsets is None else y + offset_product(x, q)
+  return _plus_offsets(x, q, y)
 
 
 def offset_product(x: jax.Array, q: QuantisedArray) -> jax.Array:
