@@ -3,7 +3,8 @@
 - ``jaxquant.entropy._loops`` (C): the host loops of the entropy coder.
 - ``jaxquant.kernels._cpu`` (C++17): the CPU lookup matmul, an XLA FFI handler compiled
   against the FFI headers that jaxlib ships (``jaxlib/include``; jaxlib is a build
-  requirement for that reason).
+  requirement for that reason). Optional: where it does not compile, jaxquant installs
+  without it and ``backend="auto"`` says so once and uses the XLA loop.
 """
 
 import importlib.util
@@ -23,6 +24,6 @@ setup(ext_modules=[
     Extension("jaxquant.entropy._loops", sources=["jaxquant/entropy/_loops.c"],
               extra_compile_args=["-O3"]),
     Extension("jaxquant.kernels._cpu", sources=["jaxquant/kernels/_cpu.cc"],
-              include_dirs=[_jaxlib_include()], language="c++",
+              include_dirs=[_jaxlib_include()], language="c++", optional=True,
               extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-tree-slp-vectorize"]),
 ])

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 
 import jax
-from flax import nnx
 import jax.numpy as jnp
+from flax import nnx
+from timing import median_seconds
 
 import jaxquant as jq
 from jaxquant.eval.models import smollm2
-from timing import median_seconds
 
 PROMPT = "The capital of France is"
 

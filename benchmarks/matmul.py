@@ -15,10 +15,10 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+from timing import median_seconds
 
 import jaxquant as jq
 from jaxquant.kernels import cpu
-from timing import median_seconds
 
 
 def default_backends() -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 
 import jaxquant as jq
 from jaxquant import kernels
-from jaxquant.kernels import xla
+from jaxquant.kernels import cpu, xla
 from jaxquant.kernels.dimensions import Contraction
 
 RNG = np.random.default_rng(11)
@@ -108,17 +108,23 @@ def test_granularities_bits_and_awkward_blocks_on_the_out_in_layout(spec, bits):
                reference(x, q.dequantise(), numbers))
 
 
-def test_dtype_rule():
+@pytest.mark.parametrize("backend", ["xla", "cpu"])
+def test_dtype_rule(backend):
+  if backend == "cpu" and not cpu.available():
+    pytest.skip("the CPU kernel is not built")
   q = weight((256, 128), 0)
   x = jnp.asarray(RNG.normal(size=(3, 256)), jnp.bfloat16)
   numbers = (((1,), (0,)), ((), ()))
-  assert jq.dot_general(x, q, numbers).dtype == jnp.bfloat16  # the activations' dtype
-  y = jq.dot_general(x, q, numbers, preferred_element_type=jnp.float32)
+  assert jq.dot_general(x, q, numbers, backend=backend).dtype == jnp.bfloat16  # x's dtype
+  y = jq.dot_general(x, q, numbers, preferred_element_type=jnp.float32, backend=backend)
   assert y.dtype == jnp.float32
-  # The slab is rounded to bf16 like x, products accumulate in float32.
-  expected = jax.lax.dot_general(x, q.dequantise().astype(jnp.bfloat16), numbers,
-                                 preferred_element_type=jnp.float32)
-  np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+  # Products accumulate in float32. The XLA loop rounds its slab of W to bf16 like x (a bf16
+  # dot); the CPU kernel multiplies x by W in float32.
+  w = q.dequantise()
+  expected = jax.lax.dot_general(x, w.astype(jnp.bfloat16) if backend == "xla" else w,
+                                 numbers, preferred_element_type=jnp.float32,
+                                 precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_outlier_weights_contract_in_any_pattern():

@@ -143,6 +143,6 @@ def test_bad_arguments_are_named():
     cpu.qmatmul_cpu(x[:, :63], q)
   with pytest.raises(ValueError, match="packed along axis 0"):
     cpu.qmatmul_cpu(x, jq.quantise(weights(64, 16).reshape(64, 4, 4), jq.QuantSpec("nf4")))
-  with pytest.raises(NotImplementedError, match="the 'cpu' kernels compute"):
+  with pytest.raises(NotImplementedError, match="the CPU kernels compute"):
     jq.einsum("bk,nk->bn", x[:, :16], jq.quantise(weights(64, 16), jq.QuantSpec("nf4")),
               backend="cpu")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from jaxquant import formats
+from jaxquant import formats, kernels
+from jaxquant.kernels import cpu
 
 RNG = np.random.default_rng(3)
 
@@ -97,10 +98,17 @@ def test_backward_pass_keeps_no_float_weight():
   assert temp < 4096 * 4096 * 4 / 8  # a float32 W would be 64 MiB; chunks are ~1 MiB
 
 
-def test_auto_is_xla_on_cpu():
+def test_auto_on_cpu_is_the_native_kernel_or_the_xla_loop():
   x, q, _ = make(2, 1024, 2048, 4)  # 2M weights: slabs of 512 rows of K, a loop
   jaxpr = str(jax.make_jaxpr(lambda a: jq.qmatmul(a, q))(x))
-  assert "scan" in jaxpr and "pallas_call" not in jaxpr  # fori_loop with a static count
+  assert "pallas_call" not in jaxpr
+  if cpu.available():
+    assert "ffi_call" in jaxpr and "scan" not in jaxpr
+  else:
+    assert "scan" in jaxpr  # fori_loop with a static count
+  rows = jnp.ones((kernels.AUTO_CPU_MAX_M + 1, 1024), jnp.float32)
+  jaxpr = str(jax.make_jaxpr(lambda a: jq.qmatmul(a, q))(rows))
+  assert "scan" in jaxpr and "ffi_call" not in jaxpr
 
 
 @pytest.mark.parametrize("call, error, match", [

@@ -16,7 +16,9 @@ Backends, each with a pure-jnp definition beside it (tests compare them with "re
   offsets (minmax scaling) are added outside the kernels (`offset_product`).
 - ``"auto"``: on CPU ``"cpu"`` for a contraction it takes with M ≤ `AUTO_CPU_MAX_M` (beyond,
   the XLA loop's dense slab dots are the faster path, `benchmarks/matmul.py`; where the
-  extension is not built auto says so once), else ``"xla"``. On GPU and TPU, for a contraction the kernel takes, the
+  extension is not built auto says so once) when there is one device, else ``"xla"``: XLA
+  cannot partition the kernel's custom call, so under a mesh of CPU devices it would run it
+  replicated on whole operands (the named ``"cpu"`` backend does that). On GPU and TPU, for a contraction the kernel takes, the
   Pallas kernel where it is the faster path, else dequantise and one dense dot. GPU: where
   the kernel beat dequantise-then-dot when measured at the nearest shape
   (`jaxquant.kernels.gpu_tuning`, a committed table written by `benchmarks/gpu_sweep.sh`).
@@ -109,7 +111,8 @@ def _forward(x, q: QuantisedArray, contraction: Contraction, backend: str) -> ja
     return _matrix_product(x, q, contraction, backend)
   platform = jax.default_backend()
   if platform not in _PALLAS_PLATFORMS:
-    if not _is_kernel_product(q, contraction) or _rows(x, contraction) > AUTO_CPU_MAX_M:
+    if (not _is_kernel_product(q, contraction) or _rows(x, contraction) > AUTO_CPU_MAX_M
+        or jax.device_count() > 1):
       return xla.dot_general_xla(x, q, contraction)
     if not cpu.available():
       _say_once(f"backend='auto' uses the XLA loop on CPU: {cpu.MISSING}")
@@ -152,8 +155,8 @@ def _matrix_product(x, q: QuantisedArray, contraction: Contraction, backend: str
   M, W's into N)."""
   if not _is_kernel_product(q, contraction):
     raise NotImplementedError(
-        f"the {backend!r} kernels compute x[M, K] @ W[K, N] for a weight contracted on its "
-        f"packed axis 0 alone; this contraction ({contraction.dimension_numbers} with the "
+        f"the {'Pallas' if backend == 'pallas' else 'CPU'} kernels compute x[M, K] @ W[K, N] "
+        "for a weight contracted on its packed axis 0 alone; this contraction ({contraction.dimension_numbers} with the "
         f"weight quantised along axis {q.axis}) is not one: use backend 'xla' or 'auto'")
   k_axis = contraction.x_contracting[0]
   rows = jnp.moveaxis(x, k_axis, -1)

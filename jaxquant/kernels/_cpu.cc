@@ -15,15 +15,18 @@
 // bit, which vblendvps reads), so no mask is needed below 6 bits. 6 to 8 bits gather from the
 // codebook in memory.
 //
-// Two loop nests, both threaded over column ranges on XLA's intra-op thread pool:
-//  - M = 1 and blocks that are whole groups (B % 32 == 0): a GEMV that accumulates
+// Three loop nests:
+//  - M = 1, 1-, 2- or 4-bit codes, blocks of whole groups: the byte-table GEMV (gemv_tables),
+//    threaded over ranges of K blocks into partial outputs.
+//  - other M = 1 products with blocks of whole groups, on AVX2: a GEMV that accumulates
 //    Σ_k x[k] codebook[c[k, n]] over each block in registers and adds scale[b, n] times it to
 //    y[n] at the block's end: per code a shift, the lookup and one FMA. K runs in the outer
 //    loop over blocks, so each word row is read contiguously across the column range.
-//  - otherwise: a K chunk of a 16-column strip is decoded and scaled into a small buffer
-//    (L1-resident), then multiplied into all M rows by a 6 x 16 register-blocked micro-kernel.
-// A scalar version of the same arithmetic serves CPUs without AVX2 and the last N % 8 (or
-// N % 16) columns.
+//  - otherwise, on AVX2: a K chunk of a 16-column strip is decoded and scaled into a small
+//    buffer (L1-resident), then multiplied into all M rows by a 6 x 16 register-blocked
+//    micro-kernel.
+// The last two are threaded over column ranges. A scalar version of the arithmetic serves CPUs
+// without AVX2 and the last N % 8 (or N % 16) columns. All threads run on XLA's intra-op pool.
 //
 // Scales are float32, bfloat16 or float16 (others are decoded to float32 by the caller);
 // activations float32 or bfloat16 (converted to float32 once, before the loops).
@@ -124,9 +127,9 @@ void matmul_scalar(const Problem& p, int64_t n0, int64_t n1) {
 // byte tables: byte j of a group's stream holds codes i in [j C, (j + 1) C), C = 8 / bits, so
 // its share of Σ_k x[k] codebook[c[k, n]] is T_j[byte], a 256-entry table of Σ_i x[i] cb[code i]
 // built once per group for every column (T_j[16 h + l] = L_j[l] + H_j[h], the tables of its two
-// nibbles). A column then costs one load and one add per byte, 8 / bits weights: on CPUs whose
-// cross-lane permutes are slow (AMD Zen 1 runs vpermps at one per 4 cycles) this beats the
-// register lookup 2 to 3 times.
+// nibbles). A column then costs one load and one add per byte, 8 / bits weights, and no
+// cross-lane permute (AMD Zen 1 runs vpermps at one per 4 cycles): it beats the register lookup
+// (benchmarks/RESULTS.md).
 
 // out[v] = Σ_i x[i] codebook[(v >> i bits) & mask] over the 4 / BITS codes of a nibble v.
 template <int BITS>

@@ -1,13 +1,22 @@
 """The CPU lookup matmul: x[M, K] @ W[K, N] by a native kernel registered with XLA's FFI.
 
 W[k, n] = codebook[c[k, n]] · s[⌊k/B⌋, n] is read from its packed codes (layout 1, packed along
-K) and never materialised: the kernel (`_cpu.cc`) decodes 8 columns' codes at once with the
-same shifts, looks them up in the codebook held in vector registers (AVX2 ``vpermps``; a
-gather above 5 bits), and either accumulates x[k]·codebook[c] over each block in registers
-before scaling (M = 1, the GEMV of decoding) or decodes and scales a chunk of a 16-column strip
-into an L1-resident buffer that a 6 × 16 register-blocked micro-kernel multiplies into all M
-rows. Column ranges run on XLA's intra-op thread pool. The instruction set is chosen at run
-time (AVX2 with FMA and F16C where the CPU has them, else plain C++).
+K) and never materialised (`_cpu.cc`). Three loop nests:
+
+- M = 1 with 1-, 2- or 4-bit codes and blocks of whole 32-code groups: a GEMV by byte tables.
+  Byte j of a group's bit stream holds 8/b codes, so its share of Σ_k x[k]·codebook[c[k, n]]
+  is T_j[byte], a 256-entry table built once per group for all N columns; a column costs one
+  load and one add per byte (two weights at 4 bits), and threads take ranges of K blocks.
+- other M = 1 products, on AVX2: 8 columns' codes decoded at once with the same shifts, looked
+  up in the codebook held in vector registers (``vpermps``; a gather above 5 bits), summed
+  over each block in registers, then scaled.
+- M > 1 on AVX2: a K chunk of a 16-column strip decoded and scaled into an L1-resident buffer,
+  multiplied into all M rows by a 6 × 16 register-blocked micro-kernel.
+
+Column ranges (K ranges for the byte tables) run on XLA's intra-op thread pool, a thread per
+2^18 multiply-adds at most. The instruction set is chosen at run time (AVX2 with FMA and F16C
+where the CPU has them, else plain C++, which is also the reference the tests hold the AVX2
+path to).
 
 The kernel takes block scales in float32, bfloat16 or float16 as stored and float32 or bfloat16
 activations; other scale dtypes (float8, e8m0, 8-bit codes of double quantisation) are decoded
