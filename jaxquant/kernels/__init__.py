@@ -18,8 +18,8 @@ Backends, each with a pure-jnp definition beside it (tests compare them with "re
   the XLA loop's dense slab dots are the faster path, `benchmarks/matmul.py`; where the
   extension is not built auto says so once) when there is one device, else ``"xla"``: XLA
   cannot partition the kernel's custom call, so under a mesh of CPU devices it would run it
-  replicated on whole operands (the named ``"cpu"`` backend does that). On GPU and TPU, for a contraction the kernel takes, the
-  Pallas kernel where it is the faster path, else dequantise and one dense dot. GPU: where
+  replicated on whole operands (the named ``"cpu"`` backend does that). On GPU and TPU, for a
+  contraction the kernel takes, the Pallas kernel where it is the faster path, else dequantise and one dense dot. GPU: where
   the kernel beat dequantise-then-dot when measured at the nearest shape
   (`jaxquant.kernels.gpu_tuning`, a committed table written by `benchmarks/gpu_sweep.sh`).
   TPU: while the weight stream dominates, M ≤ `AUTO_PALLAS_MAX_M` (reasoned, not yet
@@ -156,8 +156,9 @@ def _matrix_product(x, q: QuantisedArray, contraction: Contraction, backend: str
   if not _is_kernel_product(q, contraction):
     raise NotImplementedError(
         f"the {'Pallas' if backend == 'pallas' else 'CPU'} kernels compute x[M, K] @ W[K, N] "
-        "for a weight contracted on its packed axis 0 alone; this contraction ({contraction.dimension_numbers} with the "
-        f"weight quantised along axis {q.axis}) is not one: use backend 'xla' or 'auto'")
+        "for a weight contracted on its packed axis 0 alone; this contraction "
+        f"({contraction.dimension_numbers} with the weight quantised along axis {q.axis}) is "
+        "not one: use backend 'xla' or 'auto'")
   k_axis = contraction.x_contracting[0]
   rows = jnp.moveaxis(x, k_axis, -1)
   kernel = qmatmul_pallas if backend == "pallas" else qmatmul_cpu

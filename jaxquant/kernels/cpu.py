@@ -75,7 +75,8 @@ def qmatmul_cpu(x: jax.Array, q: QuantisedArray, *, threads: int | None = None,
   Args:
     x: [M, K] activations (float32, bfloat16 or float16).
     q: the weight, 2-d, quantised along axis 0, without offsets (`QuantisedArray.symmetric_part`).
-    threads: workers over column ranges (None: XLA's intra-op pool size).
+    threads: workers over column ranges, or K ranges for the byte-table GEMV (None: a thread
+      per 2^18 multiply-adds, at most XLA's intra-op pool size).
     isa: ``"auto"`` (the best this CPU has), ``"scalar"`` or ``"avx2"``.
 
   Raises:
