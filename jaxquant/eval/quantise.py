@@ -6,9 +6,9 @@ The task's Linear layers (those the report quantises) get one format at `bits` w
 text that is not the evaluation text (`jaxquant.eval.text.calibration_text`, or a user's
 file), then each layer is packed by GPTQ in act order (`jaxquant.gptq`). The quantised model
 is saved with `jaxquant.checkpoint.save` (entropy-coded when asked), next to ``quantise.json``
-(what was run, and the results); `restore` reads both back. `export_dequantised` writes every quantised weight,
-dequantised to float32, under the model file's own tensor name and orientation, for tools
-outside jaxquant.
+(what was run, and the results); `restore` reads both back. `export_dequantised` writes every
+quantised weight, dequantised to float32, under the model file's own tensor name and
+orientation, for tools outside jaxquant.
 """
 
 from __future__ import annotations

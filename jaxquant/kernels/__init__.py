@@ -19,8 +19,9 @@ Backends, each with a pure-jnp definition beside it (tests compare them with "re
   extension is not built auto says so once) when there is one device, else ``"xla"``: XLA
   cannot partition the kernel's custom call, so under a mesh of CPU devices it would run it
   replicated on whole operands (the named ``"cpu"`` backend does that). On GPU and TPU, for a
-  contraction the kernel takes, the Pallas kernel where it is the faster path, else dequantise and one dense dot. GPU: where
-  the kernel beat dequantise-then-dot when measured at the nearest shape
+  contraction the kernel takes, the Pallas kernel where it is the faster path, else
+  dequantise and one dense dot. GPU: where the kernel beat dequantise-then-dot when measured at
+  the nearest shape
   (`jaxquant.kernels.gpu_tuning`, a committed table written by `benchmarks/gpu_sweep.sh`).
   TPU: while the weight stream dominates, M ≤ `AUTO_PALLAS_MAX_M` (reasoned, not yet
   measured). When the kernel refuses a weight (per-channel scales, a block size it does not
